@@ -1,0 +1,5 @@
+import sys
+
+from distil.cli import main
+
+sys.exit(main())

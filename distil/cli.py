@@ -1,0 +1,193 @@
+"""The `distil` command: one function per verb, chosen through a plain dict.
+
+  distil run RECIPE [key=value ...] [--resume [CKPT]] [--overwrite]
+  distil validate RECIPE [key=value ...] [--explain]
+  distil eval RUN_DIR_OR_RECIPE [key=value ...]
+  distil export MODEL_DIR_OR_RUN --gguf OUT.gguf --quant Q4_K_M
+  distil ls
+  distil demo [key=value ...]
+
+Bad input of any kind prints one line and exits with code 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from distil.errors import DistilError
+
+RECIPES_DIR = Path(os.environ.get("DISTIL_RECIPES") or Path(__file__).resolve().parent.parent / "recipes")
+
+
+def bundled_recipes() -> dict[str, Path]:
+    if not RECIPES_DIR.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def find_recipe(name: str) -> Path:
+    """A path, or the name of a bundled recipe (`distil run demo`)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    bundled = bundled_recipes()
+    if name in bundled:
+        return bundled[name]
+    if path.suffix in (".yaml", ".yml"):
+        raise DistilError(f"{path}: recipe file not found")
+    raise DistilError(f"{name}: not a recipe file or a bundled recipe (see `distil ls`)")
+
+
+def _setup_quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from distil.pipeline import run
+    from distil.recipe import load_recipe
+
+    recipe = load_recipe(find_recipe(args.recipe), args.overrides)
+    _setup_quiet()
+    result = run(recipe, resume=args.resume, overwrite=args.overwrite)
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from distil.recipe import explain, load_recipe
+
+    if args.explain:
+        print("\n".join(explain()))
+        return 0
+    if not args.recipe:
+        raise DistilError("validate: expected a recipe path (or --explain)")
+    recipe = load_recipe(find_recipe(args.recipe), args.overrides)
+    print(f"{args.recipe}: ok (name={recipe.name}, method={recipe.distill.method}, loss={recipe.distill.loss}, "
+          f"steps={recipe.train.steps})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distil.evaluate import evaluate_target
+
+    _setup_quiet()
+    table = evaluate_target(args.target, args.overrides, student_dir=args.student)
+    print(table)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    bundled = bundled_recipes()
+    if not bundled:
+        print(f"no bundled recipes found in {RECIPES_DIR}")
+        return 0
+    width = max(len(n) for n in bundled)
+    for name, path in bundled.items():
+        lines = [ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
+        summary = next((ln for ln in lines if ln and not ln.startswith("distil ")), "")
+        print(f"{name:<{width}}  {summary}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from distil.pipeline import run
+    from distil.recipe import load_recipe
+
+    recipe = load_recipe(find_recipe("demo"), args.overrides)
+    _setup_quiet()
+    result = run(recipe, overwrite=True)
+    print(f"run directory: {result.run_dir}")
+    if result.student_dir is not None:
+        print(f"distilled student (Hugging Face directory): {result.student_dir}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from distil.export import export_gguf
+
+    src = Path(args.model)
+    if (src / "student" / "config.json").is_file():
+        src = src / "student"  # a run directory: export its student
+    result = export_gguf(src, args.gguf, args.quant, modelfile=not args.no_modelfile)
+    print(f"wrote {result.path} ({result.quant}, {result.size_bytes / 1e6:.1f} MB)")
+    if result.modelfile:
+        print(f"wrote {result.modelfile} (ollama create NAME -f {result.modelfile})")
+    return 0
+
+
+VERBS = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval, "ls": cmd_ls, "demo": cmd_demo,
+         "export": cmd_export}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distil", description="Knowledge distillation of language models.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    r = sub.add_parser("run", help="run a recipe")
+    r.add_argument("recipe", help="recipe YAML (or the name of a bundled recipe)")
+    r.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    r.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the newest checkpoint of the run, or from CKPT")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    v = sub.add_parser("validate", help="check a recipe without running it")
+    v.add_argument("recipe", nargs="?")
+    v.add_argument("overrides", nargs="*")
+    v.add_argument("--explain", action="store_true", help="print every recipe key with its documentation")
+
+    e = sub.add_parser("eval", help="evaluate a run directory (or a recipe's initial student) against the teacher")
+    e.add_argument("target", help="run directory or recipe")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--student", default=None, help="evaluate this student directory instead")
+
+    sub.add_parser("ls", help="list bundled recipes")
+
+    d = sub.add_parser("demo", help="distil the embedded SmolLM2-135M-Instruct into a smaller student")
+    d.add_argument("overrides", nargs="*")
+
+    x = sub.add_parser("export", help="write a GGUF file (and an Ollama Modelfile)")
+    x.add_argument("model", help="Hugging Face model directory or run directory")
+    x.add_argument("--gguf", required=True, help="output .gguf path")
+    x.add_argument("--quant", default="Q4_K_M", help="F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K_M, Q5_K_M, Q6_K")
+    x.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse prints its own one-line usage error
+        return int(exc.code or 0) if exc.code in (0, None) else 2
+    try:
+        return VERBS[args.verb](args)
+    except DistilError as exc:
+        if args.debug:
+            raise
+        print(f"distil: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("distil: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from distil.trainer import TrainingDiverged
+
+        if isinstance(exc, TrainingDiverged) and not args.debug:
+            print(f"distil: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Logit distillation losses: every divergence between teacher and student next-token distributions.
+
+Notation (per token position, over the vocabulary V):
+    z_S, z_T          student / teacher logits
+    p = softmax(z/T)  the temperature-softened distributions p_S, p_T (always computed in fp32)
+    KL(P||Q)          = sum_v P_v (log P_v - log Q_v), with 0 * log 0 := 0
+
+Divergences (`kind`), all >= 0 and 0 when p_S == p_T:
+    forward_kl       KL(p_T || p_S)        mode-covering: the student must put mass wherever the teacher does
+    reverse_kl       KL(p_S || p_T)        mode-seeking: the student may drop teacher modes (MiniLLM, on-policy GKD)
+    jsd              beta KL(p_T || M) + (1-beta) KL(p_S || M),  M = (1-beta) p_S + beta p_T
+                     (generalized JSD of GKD, Agarwal et al. 2023, in TRL's convention: beta=0 is forward KL
+                     and beta=1 is reverse KL. The formula itself tends to 0 at both ends, so the endpoints are
+                     special-cased to the two KLs, exactly as TRL's `generalized_jsd_loss` does.)
+    tvd              0.5 sum_v |p_T - p_S|  total variation distance, in [0, 1]
+    skew_forward_kl  KL(p_T || a p_T + (1-a) p_S)   DistiLLM's SKL, a = skew_alpha
+    skew_reverse_kl  KL(p_S || (1-a) p_T + a p_S)   DistiLLM's SRKL
+
+Temperature divides both models' logits for the soft term and the soft term is multiplied by T^2 (Hinton et al.
+2015) so its gradient scale does not change with T. The hard-label term is the cross-entropy at T=1. With `alpha`
+weighting the soft term and (1-alpha) the hard one, the loss of a batch is
+
+    loss = (alpha * sum_valid kd + (1 - alpha) * sum_valid ce) / num_items
+
+where num_items counts the valid (label != -100) tokens of the GLOBAL batch, so summing the loss of every
+gradient-accumulation micro-batch and process gives the same gradient as one big batch.
+
+Memory: for V = 49,152, one [tokens x V] fp32 tensor is 192 KiB per token; a naive loss holds ~8 of them through
+backward. `distillation_loss` walks the valid tokens `chunk_size` at a time and computes each chunk's loss AND its
+gradient during the forward pass (a custom autograd Function), so only one chunk of fp32 work lives at a time;
+backward only scales the stored gradient. See fused.py for the version that never materialises the logits at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distil.errors import DistilError
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+IGNORE_INDEX = -100
+
+# exp(-1e4) == 0 in fp32, so clamping log-probabilities there before mixing changes no probability, but keeps
+# logaddexp(-inf, -inf) (vocab entries both models mask with -inf) out of the graph, whose gradient is NaN.
+_LOG_FLOOR = -1e4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-token divergences (pure functions of fp32 log-probabilities)
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(P||Q) = sum_v p_v (log p_v - log q_v) per row, with 0 * log 0 := 0 (also when log q_v = -inf)."""
+    p = log_p.exp()
+    # where() before the product: a -inf - -inf = NaN term never reaches the sum or the gradient.
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+
+
+def _log_mix(log_a: Tensor, w_a: float, log_b: Tensor, w_b: float) -> Tensor:
+    """log(w_a * a + w_b * b), computed in log space: logaddexp(log a + log w_a, log b + log w_b)."""
+    if w_a == 0:
+        return log_b
+    if w_b == 0:
+        return log_a
+    return torch.logaddexp(
+        (log_a + math.log(w_a)).clamp(min=_LOG_FLOOR), (log_b + math.log(w_b)).clamp(min=_LOG_FLOOR)
+    )
+
+
+def _divergence(ls: Tensor, lt: Tensor, kind: str, beta: float, skew_alpha: float) -> Tensor:
+    """Per-row divergence from student / teacher log-probabilities ls, lt [n, V] -> [n]."""
+    if kind == "forward_kl":
+        return _kl(lt, ls)
+    if kind == "reverse_kl":
+        return _kl(ls, lt)
+    if kind == "jsd":
+        if beta == 0:  # endpoints special-cased (TRL convention): the formula would give 0 here
+            return _kl(lt, ls)
+        if beta == 1:
+            return _kl(ls, lt)
+        log_m = _log_mix(ls, 1 - beta, lt, beta)  # M = (1-beta) p_S + beta p_T
+        return beta * _kl(lt, log_m) + (1 - beta) * _kl(ls, log_m)
+    if kind == "tvd":
+        return 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)
+    if kind == "skew_forward_kl":  # KL(p_T || a p_T + (1-a) p_S)
+        return _kl(lt, _log_mix(lt, skew_alpha, ls, 1 - skew_alpha))
+    if kind == "skew_reverse_kl":  # KL(p_S || (1-a) p_T + a p_S)
+        return _kl(ls, _log_mix(lt, 1 - skew_alpha, ls, skew_alpha))
+    raise DistilError(f"loss kind: expected one of {', '.join(DIVERGENCES)}, found {kind!r}")
+
+
+def _check_args(kind: str, alpha: float, temperature: float, beta: float, skew_alpha: float) -> None:
+    if kind not in DIVERGENCES:
+        raise DistilError(f"loss kind: expected one of {', '.join(DIVERGENCES)}, found {kind!r}")
+    if not temperature > 0:
+        raise DistilError(f"loss temperature: expected a number > 0, found {temperature!r}")
+    for name, value in (("alpha", alpha), ("beta", beta), ("skew_alpha", skew_alpha)):
+        if not 0 <= value <= 1:
+            raise DistilError(f"loss {name}: expected a number in [0, 1], found {value!r}")
+
+
+def _check_vocab(student_v: int, teacher_v: int) -> None:
+    if student_v != teacher_v:
+        raise DistilError(
+            f"logit distillation: student vocab size {student_v} != teacher vocab size {teacher_v}; "
+            "slice both logits to the shared tokenizer length before the loss"
+        )
+
+
+def token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: str,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+) -> Tensor:
+    """Per-token divergence T^2 * D(softmax(z_S/T), softmax(z_T/T)), logits [..., V] -> fp32 [...].
+
+    No masking, no reduction, differentiable w.r.t. both inputs. Logits may be any float dtype.
+    """
+    _check_args(kind, 1.0, temperature, beta, skew_alpha)
+    _check_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
+    ls = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    lt = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return _divergence(ls, lt, kind, beta, skew_alpha) * temperature**2
+
+
+def hard_ce(student_logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-token cross-entropy -log softmax(z_S)[label] in fp32 at T=1, shape of labels; 0 where label == -100."""
+    v = student_logits.shape[-1]
+    ce = F.cross_entropy(
+        student_logits.reshape(-1, v).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return ce.reshape(labels.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The batch loss
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar, differentiable: (alpha * sum kd + (1 - alpha) * sum ce) / num_items
+    kd: Tensor  # scalar, detached: sum kd / num_items
+    ce: Tensor  # scalar, detached: sum ce / num_items
+    n_tokens: int  # valid tokens in this call
+
+
+@dataclass(frozen=True)
+class _Config:
+    kind: str
+    alpha: float
+    temperature: float
+    beta: float
+    skew_alpha: float
+    denom: float  # num_items
+
+
+def _chunk_loss(zs: Tensor, zt: Tensor, y: Tensor, cfg: _Config) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss of some valid rows: ((alpha * sum kd + (1-alpha) * sum ce) / num_items, sum kd, sum ce).
+
+    zs [n, V] student logits (any dtype; the only input that gets a gradient), zt [n, V] teacher logits, y [n].
+    A term with zero weight is computed without autograd: it is a logged metric only.
+    """
+    t = cfg.temperature
+    kd_grad = cfg.alpha > 0 and torch.is_grad_enabled()
+    ce_grad = cfg.alpha < 1 and torch.is_grad_enabled()
+    with torch.set_grad_enabled(kd_grad):
+        z = zs.float()
+        ls = F.log_softmax(z / t if t != 1 else z, dim=-1)
+        with torch.no_grad():
+            zt = zt.float()
+            lt = F.log_softmax(zt / t if t != 1 else zt, dim=-1)
+        kd = _divergence(ls, lt, cfg.kind, cfg.beta, cfg.skew_alpha).sum() * t**2
+    with torch.set_grad_enabled(ce_grad):
+        if t == 1 and (kd_grad or not ce_grad):  # reuse log softmax(z_S): CE = -log p_S[y]
+            ce = -ls.gather(-1, y[:, None]).sum()
+        else:
+            ce = F.cross_entropy(zs.float(), y, reduction="sum")
+    loss = (cfg.alpha * kd + (1 - cfg.alpha) * ce) / cfg.denom
+    return loss, kd.detach(), ce.detach()
+
+
+def _gather_rows(x: Tensor, idx: Tensor | slice) -> Tensor:
+    """Rows idx of x viewed as [N, V] (a view for a slice of a viewable tensor, else a copy of those rows)."""
+    if isinstance(idx, slice):
+        return x.view(-1, x.shape[-1])[idx]
+    return x[torch.unravel_index(idx, x.shape[:-1])]
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """Loss and d loss / d student_logits computed chunk by chunk in forward; backward scales the stored gradient.
+
+    Only one chunk of fp32 [rows x V] work tensors exists at a time, in forward and in backward. The stored
+    gradient has the student logits' shape and dtype (what plain autograd would also allocate).
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, chunks, cfg, need_grad):
+        grad = torch.zeros_like(student_logits) if need_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        kd, ce = loss.clone(), loss.clone()
+        for rows in chunks:
+            zs = _gather_rows(student_logits, rows).detach().requires_grad_(need_grad)
+            zt = _gather_rows(teacher_logits, rows)
+            y = labels.reshape(-1)[rows]
+            with torch.set_grad_enabled(need_grad):
+                c_loss, c_kd, c_ce = _chunk_loss(zs, zt, y, cfg)
+            if need_grad:
+                (g,) = torch.autograd.grad(c_loss, zs)
+                if isinstance(rows, slice):
+                    grad.view(-1, grad.shape[-1])[rows] = g
+                else:
+                    grad[torch.unravel_index(rows, grad.shape[:-1])] = g
+            loss += c_loss.detach()
+            kd += c_kd
+            ce += c_ce
+        ctx.grad = grad
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        grad = ctx.grad
+        if grad is None:
+            return None, None, None, None, None, None
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # skip a [N x V] copy for loss.backward()
+            grad = grad * grad_loss.to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
+def _row_chunks(valid: Tensor, n_rows: int, viewable: bool, chunk_size: int) -> list:
+    """Chunks of valid row indices; plain slices (no copies) when every row is valid and the logits are viewable."""
+    idx = valid.nonzero().squeeze(1)
+    if viewable and idx.numel() == n_rows:
+        return [slice(i, min(i + chunk_size, n_rows)) for i in range(0, n_rows, chunk_size)]
+    return list(idx.split(chunk_size))
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    kind: str = "forward_kl",
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    num_items: int | Tensor | None = None,
+    chunk_size: int | None = 1024,
+) -> LossOutput:
+    """Distillation loss over aligned logits [..., V] (position i predicts labels[i]) and labels [...].
+
+    labels == -100 are masked: they change neither the loss nor any gradient. `num_items` is the valid-token
+    count of the global batch (default: this call's). `chunk_size` valid tokens are processed at a time;
+    `chunk_size=None` is the plain-autograd reference (all tokens at once). No gradient reaches the teacher.
+    """
+    _check_args(kind, alpha, temperature, beta, skew_alpha)
+    _check_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
+    if student_logits.shape != teacher_logits.shape or student_logits.shape[:-1] != labels.shape:
+        raise DistilError(
+            f"distillation_loss: expected student/teacher logits [..., V] and labels [...] with equal leading "
+            f"shapes, found {tuple(student_logits.shape)}, {tuple(teacher_logits.shape)}, {tuple(labels.shape)}"
+        )
+    if chunk_size is not None and chunk_size < 1:
+        raise DistilError(f"loss chunk_size: expected an integer >= 1 or None, found {chunk_size!r}")
+    teacher_logits = teacher_logits.detach()
+    valid = labels.reshape(-1) != IGNORE_INDEX
+    n_tokens = int(valid.sum())
+    denom = float(n_tokens if num_items is None else num_items)
+    cfg = _Config(kind, alpha, temperature, beta, skew_alpha, max(denom, 1.0))
+
+    if chunk_size is None:  # reference path: one chunk, ordinary autograd
+        rows = valid.nonzero().squeeze(1)
+        y = labels.reshape(-1)[rows]
+        loss, kd, ce = _chunk_loss(_gather_rows(student_logits, rows), _gather_rows(teacher_logits, rows), y, cfg)
+        if n_tokens == 0 and not loss.requires_grad and student_logits.requires_grad:
+            loss = student_logits.sum() * 0.0  # keep the graph so backward gives zero gradients
+    else:
+        try:
+            student_logits.view(-1, student_logits.shape[-1]), teacher_logits.view(-1, teacher_logits.shape[-1])
+            viewable = True
+        except RuntimeError:  # e.g. logits[:, :-1] of a [B, S, V] tensor: gather rows instead
+            viewable = False
+        chunks = _row_chunks(valid, valid.numel(), viewable, chunk_size)
+        need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+        loss, kd, ce = _ChunkedDistillation.apply(student_logits, teacher_logits, labels, chunks, cfg, need_grad)
+    return LossOutput(loss=loss, kd=kd.detach() / cfg.denom, ce=ce.detach() / cfg.denom, n_tokens=n_tokens)

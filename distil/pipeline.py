@@ -1,0 +1,164 @@
+"""`distil run`: the stages a recipe names, in order, into one run directory.
+
+recipe -> models (teacher, student) -> data -> method (a loss function) -> trainer (one loop)
+-> eval -> save. The run directory `<output.dir>/<name>/` holds recipe.yaml (resolved),
+metrics.jsonl, checkpoints/, student/, eval.json and report.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distil import data as data_mod
+from distil.errors import DistilError
+from distil.eval.metrics import evaluate, format_table
+from distil.methods import METHODS, NEEDS_TEACHER
+from distil.models import Loaded, check_same_vocab, count_params, freeze, load_model, student_from_teacher
+from distil.recipe import Recipe, dump_recipe
+from distil.trainer import make_accelerator, train
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    eval: dict | None
+    student_dir: Path | None
+    table: str | None
+
+
+def load_teacher(recipe: Recipe, device: Any = "cpu") -> Loaded | None:
+    if not recipe.teacher.source:
+        return None
+    t = recipe.teacher
+    loaded = load_model(t.source, dtype=t.dtype, config=t.config, tokenizer=t.tokenizer,
+                        trust_remote_code=t.trust_remote_code, role="teacher", seed=recipe.seed, device=device)
+    freeze(loaded.model.to(device))
+    return loaded
+
+
+def load_student(recipe: Recipe, teacher: Loaded | None, device: Any = "cpu") -> Loaded:
+    s = recipe.student
+    if s.source == "teacher":
+        if teacher is None:
+            raise DistilError("student.source: 'teacher' needs teacher.source to be set")
+        student = student_from_teacher(teacher, s.layers)
+    else:
+        student = load_model(s.source, dtype=s.dtype, config=s.config, tokenizer=s.tokenizer,
+                             trust_remote_code=s.trust_remote_code, teacher=teacher, role="student",
+                             seed=recipe.seed, device=device)
+        if s.layers is not None:
+            student = student_from_teacher(student, s.layers)
+    student.model.to(device)
+    for p in student.model.parameters():
+        p.requires_grad_(True)
+    return student
+
+
+def prepare_run_dir(recipe: Recipe, resume: str | None, overwrite: bool) -> Path:
+    run_dir = Path(recipe.output.dir) / recipe.name
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise DistilError(f"{run_dir}: the run directory already exists; pass --resume to continue it, "
+                              f"--overwrite to replace it, or name=... for a new run")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def save_student(student: Loaded, target: Path) -> Path:
+    """Save as a Hugging Face directory, atomically (temp dir, then rename)."""
+    tmp = target.parent / f".tmp-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.model.save_pretrained(tmp, safe_serialization=True)
+    student.tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, echo: Any = print) -> RunResult:
+    """Run every stage the recipe names. Returns where things were written."""
+    acc = make_accelerator(recipe.train.precision)
+    device = acc.device
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    run_dir = Path(recipe.output.dir) / recipe.name
+    if acc.is_main_process and run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
+        prepare_run_dir(recipe, resume, overwrite)  # refuses before any expensive loading
+
+    # Load and check everything first: bad input fails before anything is written.
+    method = recipe.distill.method
+    need_teacher = NEEDS_TEACHER[method] or recipe.eval.enabled
+    teacher = load_teacher(recipe, device) if need_teacher else None
+    student = load_student(recipe, teacher, device)
+    vocab = check_same_vocab(teacher, student) if teacher is not None else len(student.tokenizer)
+    train_ex, eval_ex = data_mod.load_examples(recipe.data, student.tokenizer, recipe.seed)
+    pad = data_mod.pad_id(student.tokenizer)
+    echo(f"teacher: {teacher.source if teacher else '-'} ({count_params(teacher.model) / 1e6:.1f}M params)"
+         if teacher else "teacher: none")
+    echo(f"student: {count_params(student.model) / 1e6:.1f}M params; data: {len(train_ex)} train / "
+         f"{len(eval_ex)} eval examples of <= {recipe.data.seq_len} tokens; method: {method}, loss: "
+         f"{recipe.distill.loss}")
+
+    if acc.is_main_process:
+        prepare_run_dir(recipe, resume, overwrite)
+        dump_recipe(recipe, run_dir / "recipe.yaml")
+    acc.wait_for_everyone()
+
+    initial = copy.deepcopy(student.model).eval() if recipe.eval.enabled else None
+    loss_fn = METHODS[method](teacher.model if teacher else None, recipe.distill, vocab)
+    result = train(student.model, loss_fn, train_ex, recipe.train, run_dir=run_dir, seed=recipe.seed, pad_id=pad,
+                   resume=resume, accelerator=acc, tag=method)
+    echo(f"trained {result.steps} steps, {result.tokens} target tokens in {result.seconds:.0f}s "
+         f"({result.tokens / max(result.seconds, 1e-9):.0f} tokens/s); final loss {result.last_loss:.4f}")
+
+    baseline = None
+    if recipe.eval.hard_label_baseline and method != "hard_labels":
+        # The control: the same initial student, data, steps and schedule, hard labels only.
+        baseline = copy.deepcopy(initial).train()
+        for p in baseline.parameters():
+            p.requires_grad_(True)
+        base_dir = run_dir / "hard_labels"
+        base_resume = "latest" if resume and (base_dir / "checkpoints").is_dir() else None
+        hard = METHODS["hard_labels"](None, recipe.distill, vocab)
+        res = train(baseline, hard, train_ex, recipe.train, run_dir=base_dir, seed=recipe.seed, pad_id=pad,
+                    resume=base_resume, accelerator=acc, tag="hard_labels")
+        echo(f"hard-label baseline: {res.steps} steps in {res.seconds:.0f}s; final loss {res.last_loss:.4f}")
+
+    student_dir = None
+    if acc.is_main_process and recipe.output.save_student:
+        student_dir = save_student(student, run_dir / "student")
+
+    results, table = None, None
+    if recipe.eval.enabled and acc.is_main_process:
+        rows = {"student (before)": initial, f"student ({method})": student.model}
+        if baseline is not None:
+            rows["student (hard_labels)"] = baseline
+        results = evaluate(teacher.model if teacher else None, rows, eval_ex, batch_size=recipe.eval.batch_size,
+                           pad_id=pad, vocab=vocab, chunk_size=recipe.distill.chunk_size, device=device)
+        params = {name: count_params(m) for name, m in rows.items()}
+        if teacher is not None:
+            params["teacher"] = count_params(teacher.model)
+        table = format_table(results, params)
+        write_report(run_dir, recipe, results, params, table)
+        echo(table)
+    acc.wait_for_everyone()
+    return RunResult(run_dir=run_dir, eval=results, student_dir=student_dir, table=table)
+
+
+def write_report(run_dir: Path, recipe: Recipe, results: dict, params: dict, table: str) -> None:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    (run_dir / "eval.json").write_text(json.dumps({"results": results, "params": params, "date": stamp}, indent=2))
+    (run_dir / "report.md").write_text(
+        f"# {recipe.name}\n\n{stamp}. Method `{recipe.distill.method}`, loss `{recipe.distill.loss}`, "
+        f"{recipe.train.steps} steps.\n\n```\n{table}\n```\n")

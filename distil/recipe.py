@@ -1,0 +1,365 @@
+"""Recipes: one YAML file describes a run.
+
+A recipe is a tree of typed, documented dataclasses (`Recipe` at the root). YAML is read with
+`yaml.safe_load` only, every key is checked against the dataclass fields (unknown keys are errors
+with a "did you mean"), every value against its type and range, and every error names the file
+and the dotted key path. `key.sub=value` overrides from the command line go through the same
+checks. Components are chosen by `Literal` names, never by import paths: a recipe cannot make
+distil import or run arbitrary code.
+
+Each field's `help` metadata is the documentation; `distil validate --explain` prints it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from distil.errors import DistilError
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]
+Method = Literal["offline", "hard_labels"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, **checks: Any) -> Any:
+    """A dataclass field with documentation and range checks (gt, ge, le, lt, nonempty)."""
+    meta = {"help": help, **checks}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from and how it is loaded."""
+
+    source: str = _f("", "A Hugging Face directory (safetensors), a .gguf file, 'embedded:smollm2-135m-instruct', "
+                     "'config:PATH' (random init from a config.json or a directory holding one), or, for the "
+                     "student only, 'teacher' (a copy of the teacher, usually with `layers`).")
+    layers: Optional[list[int]] = _f(None, "Student only: keep these teacher layers (0-based, in order) plus the "
+                                     "embeddings, final norm and head: the usual depth-pruned initialisation.")
+    config: dict[str, Any] = _f(help="Overrides applied to the model config before a random init "
+                                "(e.g. {num_hidden_layers: 2, hidden_size: 64}); only with 'config:' sources.",
+                                factory=dict)
+    tokenizer: Optional[str] = _f(None, "Directory with the tokenizer, when the source has none "
+                                  "(defaults to the source, then to the teacher's).")
+    dtype: DType = _f("auto", "Weights dtype: auto = float32 on CPU, bfloat16 on GPUs that support it.")
+    trust_remote_code: bool = _f(False, "Allow model code from the model directory. Off: model files are untrusted.")
+
+
+@dataclass
+class DataSpec:
+    """Training data: files or a built-in corpus, tokenized into training examples."""
+
+    source: str = _f("builtin:pydoc", "A .jsonl/.json/.csv/.parquet/.txt file, a directory saved with "
+                     "datasets' save_to_disk, or 'builtin:pydoc' (Python's own documentation, no download).")
+    seq_len: int = _f(256, "Tokens per training example (plain text is packed into blocks of this length).", ge=8)
+    pack: bool = _f(True, "Pack plain-text records into fixed-length blocks (separated by EOS).")
+    chat_template: bool = _f(True, "Render prompt/response and messages records with the tokenizer's chat template.")
+    max_records: Optional[int] = _f(None, "Use only the first N records (after reading).", gt=0)
+    eval_size: int = _f(32, "Examples held out for evaluation (taken after a seeded shuffle).", ge=0)
+
+
+@dataclass
+class DistillSpec:
+    """How targets are sourced (the method) and how the student is scored against them (the loss)."""
+
+    method: Method = _f("offline", "offline: a frozen teacher's live logits on the training text are the soft "
+                        "targets (response-based KD). hard_labels: plain cross-entropy on the data, no teacher.")
+    loss: Divergence = _f("forward_kl", "Divergence between teacher and student token distributions: forward_kl = "
+                          "KL(p_T||p_S) (mode-covering), reverse_kl = KL(p_S||p_T) (mode-seeking), jsd (beta), tvd, "
+                          "skew_forward_kl / skew_reverse_kl (DistiLLM, skew_alpha).")
+    alpha: float = _f(1.0, "Weight of the distillation term; (1 - alpha) weights hard-label cross-entropy.", ge=0.0, le=1.0)
+    temperature: float = _f(1.0, "Softmax temperature T for the soft term (both models); the term is scaled by T^2.", gt=0.0)
+    beta: float = _f(0.5, "JSD mixture weight: M = (1-beta) p_S + beta p_T; beta=0 is forward KL, 1 reverse KL.", ge=0.0, le=1.0)
+    skew_alpha: float = _f(0.1, "Skew of the skewed KLs (DistiLLM uses 0.1).", ge=0.0, le=1.0)
+    chunk_size: int = _f(1024, "Tokens per chunk when evaluating full-vocabulary losses (memory bound).", gt=0)
+
+
+@dataclass
+class TrainSpec:
+    """The one training loop: AdamW, warmup + cosine, accumulation, clipping, checkpoints."""
+
+    steps: int = _f(100, "Optimizer steps.", gt=0)
+    batch_size: int = _f(8, "Examples per micro-batch per process.", gt=0)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.", gt=0)
+    lr: float = _f(1e-4, "Peak learning rate.", gt=0.0)
+    min_lr_ratio: float = _f(0.1, "The cosine decays to lr * min_lr_ratio.", ge=0.0, le=1.0)
+    warmup_steps: int = _f(10, "Linear warmup steps.", ge=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0.0)
+    betas: list[float] = _f(help="AdamW betas.", factory=lambda: [0.9, 0.95])
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", ge=0.0)
+    precision: Literal["auto", "fp32", "bf16"] = _f("auto", "auto = fp32 on CPU (bf16 is slow there), bf16 on GPUs with it.")
+    threads: int = _f(0, "torch threads per process (0 = torch's default).", ge=0)
+    log_every: int = _f(1, "Write a metrics.jsonl line every N steps.", gt=0)
+    save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
+    keep_last: int = _f(2, "Checkpoints to keep.", gt=0)
+    progress: bool = _f(True, "Show a progress bar (loss, tokens/s).")
+
+
+@dataclass
+class EvalSpec:
+    """Held-out evaluation: perplexity, top-1 agreement and KL(teacher || student)."""
+
+    enabled: bool = _f(True, "Evaluate at the end of the run.")
+    batch_size: int = _f(8, "Examples per eval batch.", gt=0)
+    hard_label_baseline: bool = _f(False, "Also train the same student on hard labels only with the same budget "
+                                   "and add it as a row (the control that shows what distillation adds).")
+
+
+@dataclass
+class OutputSpec:
+    """Where the run directory goes and what is written into it."""
+
+    dir: str = _f("runs", "Parent directory of run directories (runs/<name>/).")
+    save_student: bool = _f(True, "Save the final student as a Hugging Face directory (runs/<name>/student).")
+
+
+@dataclass
+class Recipe:
+    """A whole run: teacher -> student -> data -> method + loss -> train -> eval -> output."""
+
+    name: str = _f("run", "Run name: the run directory is <output.dir>/<name>.")
+    seed: int = _f(0, "Seed for initialisation, data order and dropout.")
+    teacher: ModelSpec = _f(help="The frozen teacher.", factory=ModelSpec)
+    student: ModelSpec = _f(help="The student that is trained.", factory=lambda: ModelSpec(source="teacher"))
+    data: DataSpec = _f(help="Training and evaluation data.", factory=DataSpec)
+    distill: DistillSpec = _f(help="Method and loss.", factory=DistillSpec)
+    train: TrainSpec = _f(help="Optimisation.", factory=TrainSpec)
+    eval: EvalSpec = _f(help="Evaluation.", factory=EvalSpec)
+    output: OutputSpec = _f(help="Outputs.", factory=OutputSpec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from untrusted dicts, with errors that name the file and the key path.
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " (or null)"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _found(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _convert(value: Any, tp: Any, where: str, path: str) -> Any:
+    """Check `value` against the annotation `tp`; return the converted value or raise DistilError."""
+    origin = typing.get_origin(tp)
+    bad = DistilError(f"{where}: {path}: expected {_type_name(tp)}, found {_found(value)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, where, path)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        if len(args) == 1:  # Optional[X]: X's own error is the most precise one
+            return _convert(value, args[0], where, path)
+        for arg in args:
+            try:
+                return _convert(value, arg, where, path)
+            except DistilError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DistilError(f"{where}: {path}: expected {_type_name(tp)}, found {_found(value)}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, where, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string; accept it as the number it is
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported recipe type {tp}")  # a bug in distil, not user input
+
+
+def _check_range(value: Any, meta: dict, where: str, path: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    rules = {"gt": (lambda v, b: v > b, "> {}"), "ge": (lambda v, b: v >= b, ">= {}"),
+             "lt": (lambda v, b: v < b, "< {}"), "le": (lambda v, b: v <= b, "<= {}")}
+    for key, (ok, text) in rules.items():
+        if key in meta and not ok(value, meta[key]):
+            raise DistilError(f"{where}: {path}: expected a value {text.format(meta[key])}, found {_found(value)}")
+
+
+def _build(cls: type, data: dict, where: str, prefix: str = "", base: dict | None = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = dict(base or {})
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
+            raise DistilError(f"{where}: {path}: unknown key{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict) and fields[key].default_factory is not None:
+            # A section starts from its default (e.g. student.source = 'teacher'), then the file's keys.
+            default = fields[key].default_factory()
+            base = {f.name: getattr(default, f.name) for f in dataclasses.fields(tp)}
+            converted = _build(tp, value, where, path, base)
+        else:
+            converted = _convert(value, tp, where, path)
+        _check_range(converted, dict(fields[key].metadata), where, path)
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _validate_cross(recipe: Recipe, where: str) -> None:
+    """Checks that involve more than one key."""
+    if not recipe.teacher.source and recipe.distill.method != "hard_labels":
+        raise DistilError(f"{where}: teacher.source: expected a model source for method "
+                          f"{recipe.distill.method!r}, found nothing")
+    if not recipe.student.source:
+        raise DistilError(f"{where}: student.source: expected a model source, found nothing")
+    if recipe.student.layers is not None:
+        if not recipe.student.layers:
+            raise DistilError(f"{where}: student.layers: expected a non-empty list of layer indices, found []")
+        if any(i < 0 for i in recipe.student.layers) or len(set(recipe.student.layers)) != len(recipe.student.layers):
+            raise DistilError(f"{where}: student.layers: expected distinct non-negative indices, "
+                              f"found {recipe.student.layers}")
+    for role in ("teacher", "student"):
+        spec = getattr(recipe, role)
+        if spec.config and not spec.source.startswith("config:"):
+            raise DistilError(f"{where}: {role}.config: overrides need a 'config:' source, found source {spec.source!r}")
+    if len(recipe.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in recipe.train.betas):
+        raise DistilError(f"{where}: train.betas: expected two numbers in [0, 1), found {recipe.train.betas}")
+    if not recipe.name or "/" in recipe.name or recipe.name.startswith("."):
+        raise DistilError(f"{where}: name: expected a plain directory name, found {recipe.name!r}")
+
+
+def recipe_from_dict(data: Any, where: str = "<recipe>") -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DistilError(f"{where}: expected a mapping of recipe sections at the top level, found {_found(data)}")
+    recipe = _build(Recipe, data, where)
+    _validate_cross(recipe, where)
+    return recipe
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003). The value is parsed as YAML (safely)."""
+    if "=" not in text:
+        raise DistilError(f"override {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise DistilError(f"override {text!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise DistilError(f"override {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DistilError(f"{path}: recipe file not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DistilError(f"{path}: invalid YAML{pos}: {problem}") from None
+    except UnicodeDecodeError:
+        raise DistilError(f"{path}: expected a UTF-8 YAML file, found undecodable bytes") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate. Raises DistilError with 'file: key.path: problem'."""
+    data = read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DistilError(f"{path}: expected a mapping of recipe sections at the top level, found {_found(data)}")
+    apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+
+
+def explain(cls: type = Recipe, prefix: str = "") -> list[str]:
+    """Every key with its type, default and help: the recipe reference."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{path}: {f.metadata.get('help', '')}")
+            lines.extend(explain(hints[f.name], path + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {path} ({_type_name(hints[f.name])}; default {default!r}): {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,97 @@
+"""The `distil` command end to end on a tiny teacher: run, eval, resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distil.cli import main
+
+
+def test_run_writes_the_run_directory(make_recipe, capsys):
+    path = make_recipe(eval={"enabled": True, "hard_label_baseline": True}, train={"save_every": 2})
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    run = path.parent / "runs" / "t"
+    for name in ("recipe.yaml", "metrics.jsonl", "eval.json", "report.md", "student/config.json",
+                 "student/model.safetensors", "student/tokenizer.json", "checkpoints/step-000004",
+                 "hard_labels/metrics.jsonl"):
+        assert (run / name).exists(), name
+    results = json.loads((run / "eval.json").read_text())["results"]
+    assert set(results) == {"teacher", "student (before)", "student (offline)", "student (hard_labels)"}
+    assert results["teacher"]["kl"] == pytest.approx(0.0, abs=1e-6) and results["teacher"]["agreement"] == 1.0
+    assert "student (offline)" in out and "top-1 agree" in out
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    # The resolved recipe in the run dir is itself a valid recipe.
+    assert main(["validate", str(run / "recipe.yaml")]) == 0
+
+
+def test_existing_run_dir_is_not_clobbered(make_recipe, capsys):
+    path = make_recipe()
+    assert main(["run", str(path)]) == 0
+    marker = path.parent / "runs" / "t" / "student" / "config.json"
+    before = marker.read_text()
+    assert main(["run", str(path)]) == 2
+    assert "already exists; pass --resume" in capsys.readouterr().err
+    assert marker.read_text() == before
+    assert main(["run", str(path), "--overwrite"]) == 0
+
+
+def test_resume_through_the_cli(make_recipe, capsys):
+    path = make_recipe(train={"save_every": 2})
+    assert main(["run", str(path)]) == 0
+    run = path.parent / "runs" / "t"
+    full = (run / "metrics.jsonl").read_text()
+    assert main(["run", str(path), "--resume", str(run / "checkpoints" / "step-000002")]) == 0
+    assert (run / "metrics.jsonl").read_text().splitlines()[:2] == full.splitlines()[:2]
+    assert [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()] == \
+        [json.loads(x)["loss"] for x in full.splitlines()]
+
+
+def test_eval_verb_on_a_run_directory(make_recipe, capsys):
+    path = make_recipe()
+    assert main(["run", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(path.parent / "runs" / "t")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher" in out and "student (before)" in out and "student (offline)" in out
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"data": {"source": "/nonexistent/data.jsonl"}}, "/nonexistent/data.jsonl: data file not found"),
+    ({"teacher": {"source": "/nonexistent/model"}}, "/nonexistent/model: model directory not found"),
+    ({"student": {"layers": [0, 9]}}, "student.layers: the teacher has 4 layers"),
+])
+def test_run_bad_input_is_one_line_exit_2(make_recipe, capsys, change, needle):
+    assert main(["run", str(make_recipe(**change))]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_records_and_empty_data(make_recipe, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"prompt": "no response"}\n')
+    assert main(["run", str(make_recipe(data={"source": str(bad), "eval_size": 0}))]) == 2
+    assert "record 1: expected a 'text' field" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["run", str(make_recipe(data={"source": str(empty)}))]) == 2
+    assert "the dataset is empty" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(make_recipe):
+    from distil.errors import DistilError
+
+    with pytest.raises(DistilError):
+        main(["--debug", "run", str(make_recipe(data={"source": "/nonexistent.jsonl"}))])
+
+
+def test_console_script_exit_code(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("train: {lr: -1}\nteacher: {source: x}\n")
+    proc = subprocess.run([sys.executable, "-m", "distil", "validate", str(bad)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"distil: error: {bad}: train.lr: expected a value > 0.0, found -1.0"

@@ -1,0 +1,134 @@
+"""The one training loop: exact resume, accumulation invariance, divergence, atomic checkpoints."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from distil.data import build_examples
+from distil.errors import DistilError
+from distil.losses import LossOutput
+from distil.methods import METHODS
+from distil.models import freeze, load_model, student_from_teacher
+from distil.recipe import DistillSpec, TrainSpec
+from distil.trainer import TrainingDiverged, list_checkpoints, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_teacher):
+    t = load_model(str(tiny_teacher))
+    freeze(t.model)
+    recs = [{"prompt": "q" * (1 + i % 5), "response": "abcdefg"[: 2 + i % 6]} for i in range(24)]
+    examples = build_examples(recs, t.tokenizer, 64)  # variable lengths and masks
+    return t, examples
+
+
+def _student(t):
+    s = student_from_teacher(t, [0, 3]).model
+    for p in s.parameters():
+        p.requires_grad_(True)
+    return s
+
+
+def _spec(**kw):
+    base = dict(steps=6, batch_size=2, lr=1e-2, warmup_steps=2, progress=False, save_every=2, keep_last=10)
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def _losses(run_dir):
+    return [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    spec = TrainSpec(steps=12, lr=1.0, warmup_steps=2, min_lr_ratio=0.1)
+    assert lr_at(0, spec) == 0.5 and lr_at(1, spec) == 1.0
+    assert lr_at(2, spec) == pytest.approx(1.0)
+    assert lr_at(7, spec) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(12, spec) == pytest.approx(0.1)
+
+
+def test_resume_continues_exactly(tmp_path, setup):
+    t, examples = setup
+    fn = METHODS["offline"](t.model, DistillSpec(), len(t.tokenizer))
+    full = tmp_path / "full"
+    train(_student(t), fn, examples, _spec(), run_dir=full, seed=0, pad_id=0)
+
+    calls = {"n": 0}
+
+    def crashing(model, batch, n):
+        calls["n"] += 1
+        if calls["n"] == 6:  # dies during step 6, after the step-4 checkpoint and the step-5 metrics line
+            raise KeyboardInterrupt
+        return fn(model, batch, n)
+
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        train(_student(t), crashing, examples, _spec(), run_dir=part, seed=0, pad_id=0)
+    assert [p.name for p in list_checkpoints(part / "checkpoints")] == ["step-000002", "step-000004"]
+    # A fresh process would rebuild the student from the recipe: same init, then the checkpoint.
+    train(_student(t), fn, examples, _spec(), run_dir=part, seed=0, pad_id=0, resume="latest")
+    assert _losses(part) == _losses(full)  # bit-identical, step for step
+    assert len(_losses(full)) == 6
+
+
+def test_gradient_accumulation_does_not_change_the_update(tmp_path, setup):
+    t, examples = setup
+    fn = METHODS["offline"](t.model, DistillSpec(alpha=0.5), len(t.tokenizer))
+    a, b = _student(t), _student(t)
+    train(a, fn, examples, _spec(steps=2, batch_size=4, grad_accum=1, save_every=0), run_dir=tmp_path / "a",
+          seed=0, pad_id=0)
+    train(b, fn, examples, _spec(steps=2, batch_size=1, grad_accum=4, save_every=0), run_dir=tmp_path / "b",
+          seed=0, pad_id=0)
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, atol=2e-6, rtol=1e-5)
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, setup):
+    t, examples = setup
+    fn = METHODS["offline"](t.model, DistillSpec(), len(t.tokenizer))
+    calls = {"n": 0}
+
+    def poisoned(model, batch, n):
+        calls["n"] += 1
+        out = fn(model, batch, n)
+        if calls["n"] == 3:
+            return LossOutput(out.loss * float("nan"), out.kd, out.ce, out.n_tokens)
+        return out
+
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 3: loss is nan; last good checkpoint: .*step-000002"):
+        train(_student(t), poisoned, examples, _spec(), run_dir=run, seed=0, pad_id=0)
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000002"]
+    assert len(_losses(run)) == 2
+
+
+def test_keep_last_and_no_temp_dirs_left(tmp_path, setup):
+    t, examples = setup
+    fn = METHODS["hard_labels"](None, DistillSpec(), len(t.tokenizer))
+    run = tmp_path / "k"
+    train(_student(t), fn, examples, _spec(keep_last=2), run_dir=run, seed=0, pad_id=0)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step-000004", "step-000006"]
+
+
+def test_resume_from_missing_or_half_written_checkpoint(tmp_path, setup):
+    t, examples = setup
+    fn = METHODS["hard_labels"](None, DistillSpec(), len(t.tokenizer))
+    with pytest.raises(DistilError, match="no complete checkpoint"):
+        train(_student(t), fn, examples, _spec(), run_dir=tmp_path / "none", seed=0, pad_id=0, resume="latest")
+    with pytest.raises(DistilError, match="checkpoint directory not found"):
+        train(_student(t), fn, examples, _spec(), run_dir=tmp_path / "none", seed=0, pad_id=0,
+              resume=str(tmp_path / "nope"))
+    run = tmp_path / "half"
+    train(_student(t), fn, examples, _spec(steps=2), run_dir=run, seed=0, pad_id=0)
+    ckpt = run / "checkpoints" / "step-000002"
+    (ckpt / "trainer_state.json").unlink()  # as if the process died before the last file
+    with pytest.raises(DistilError, match="incomplete \\(half-written\\) checkpoint, missing trainer_state.json"):
+        train(_student(t), fn, examples, _spec(), run_dir=run, seed=0, pad_id=0, resume=str(ckpt))
+    # ... and 'latest' never picks a checkpoint without its completion marker.
+    with pytest.raises(DistilError, match="no complete checkpoint"):
+        train(_student(t), fn, examples, _spec(), run_dir=run, seed=0, pad_id=0, resume="latest")
