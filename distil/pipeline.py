@@ -60,6 +60,10 @@ def load_student(recipe: Recipe, teacher: Loaded | None, device: Any = "cpu") ->
     student.model.to(device)
     for p in student.model.parameters():
         p.requires_grad_(True)
+    if s.freeze_embeddings:
+        for module in (student.model.get_input_embeddings(), student.model.get_output_embeddings()):
+            for p in module.parameters():
+                p.requires_grad_(False)
     return student
 
 
@@ -98,12 +102,19 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
 
     # Load and check everything first: bad input fails before anything is written.
     method = recipe.distill.method
-    need_teacher = NEEDS_TEACHER[method] or recipe.eval.enabled
+    need_teacher = NEEDS_TEACHER[method] or recipe.eval.enabled or recipe.student.source == "teacher"
     teacher = load_teacher(recipe, device) if need_teacher else None
     student = load_student(recipe, teacher, device)
     vocab = check_same_vocab(teacher, student) if teacher is not None else len(student.tokenizer)
     train_ex, eval_ex = data_mod.load_examples(recipe.data, student.tokenizer, recipe.seed)
     pad = data_mod.pad_id(student.tokenizer)
+    targets = teacher.model if teacher else None
+    if method == "cache":  # the teacher's top-k from disk; the teacher is loaded only if the cache needs building
+        from distil.methods.cache import ensure_cache, with_index
+
+        targets = ensure_cache(recipe, train_ex, student.tokenizer, teacher=teacher, device=device, echo=echo,
+                               main=acc.is_main_process, wait=acc.wait_for_everyone)
+        train_ex = with_index(train_ex)
     echo(f"teacher: {teacher.source if teacher else '-'} ({count_params(teacher.model) / 1e6:.1f}M params)"
          if teacher else "teacher: none")
     echo(f"student: {count_params(student.model) / 1e6:.1f}M params; data: {len(train_ex)} train / "
@@ -116,7 +127,9 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
     acc.wait_for_everyone()
 
     initial = copy.deepcopy(student.model).eval() if recipe.eval.enabled else None
-    loss_fn = METHODS[method](teacher.model if teacher else None, recipe.distill, vocab)
+    loss_fn = METHODS[method](targets, recipe.distill, vocab)
+    if method == "cache" and not recipe.eval.enabled:
+        teacher = None  # it only built the student (or the cache): train without it in memory
     result = train(student.model, loss_fn, train_ex, recipe.train, run_dir=run_dir, seed=recipe.seed, pad_id=pad,
                    resume=resume, accelerator=acc, tag=method)
     echo(f"trained {result.steps} steps, {result.tokens} target tokens in {result.seconds:.0f}s "
@@ -126,8 +139,8 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
     if recipe.eval.hard_label_baseline and method != "hard_labels":
         # The control: the same initial student, data, steps and schedule, hard labels only.
         baseline = copy.deepcopy(initial).train()
-        for p in baseline.parameters():
-            p.requires_grad_(True)
+        for p_base, p_student in zip(baseline.parameters(), student.model.parameters()):
+            p_base.requires_grad_(p_student.requires_grad)  # same trainable set as the distilled run
         base_dir = run_dir / "hard_labels"
         base_resume = "latest" if resume and (base_dir / "checkpoints").is_dir() else None
         hard = METHODS["hard_labels"](None, recipe.distill, vocab)
@@ -152,8 +165,32 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
         table = format_table(results, params)
         write_report(run_dir, recipe, results, params, table)
         echo(table)
+    if recipe.export.enabled and acc.is_main_process:
+        export_student(recipe, run_dir, student_dir, echo)
     acc.wait_for_everyone()
     return RunResult(run_dir=run_dir, eval=results, student_dir=student_dir, table=table)
+
+
+def export_student(recipe: Recipe, run_dir: Path, student_dir: Path | None, echo: Any = print) -> Path:
+    """The `export:` stage: the saved student -> GGUF (+ Modelfile), and llama.cpp's answer to a prompt."""
+    from distil.export import export_gguf
+    from distil.generate import llamacpp_available, llamacpp_chat
+
+    spec = recipe.export
+    if student_dir is None:
+        raise DistilError("export.enabled: the export stage needs output.save_student: true")
+    out = Path(spec.path) if spec.path else run_dir / "export" / f"{recipe.name}-{spec.quant}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = export_gguf(student_dir, out, spec.quant, modelfile=spec.modelfile, name=recipe.name)
+    echo(f"exported {result.path} ({spec.quant}, {result.size_bytes / 1e6:.1f} MB)"
+         + (f"; Ollama: ollama create {recipe.name} -f {result.modelfile}" if result.modelfile else ""))
+    if spec.prompt:
+        if llamacpp_available():
+            answer = llamacpp_chat(result.path, spec.prompt, spec.max_tokens)
+            echo(f"llama.cpp, {spec.quant} student> {spec.prompt}\n{answer.strip()}")
+        else:
+            echo("llama-cpp-python is not installed: skipping the llama.cpp answer (pip install distil[llamacpp])")
+    return Path(result.path)
 
 
 def write_report(run_dir: Path, recipe: Recipe, results: dict, params: dict, table: str) -> None:

@@ -26,7 +26,7 @@ import yaml
 from distil.errors import DistilError
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]
-Method = Literal["offline", "hard_labels"]
+Method = Literal["offline", "hard_labels", "cache"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -54,6 +54,9 @@ class ModelSpec:
                                   "(defaults to the source, then to the teacher's).")
     dtype: DType = _f("auto", "Weights dtype: auto = float32 on CPU, bfloat16 on GPUs that support it.")
     trust_remote_code: bool = _f(False, "Allow model code from the model directory. Off: model files are untrusted.")
+    freeze_embeddings: bool = _f(False, "Student only: keep the input embeddings and the output head frozen (they "
+                                 "come from the teacher already); saves the head's weight gradient, the "
+                                 "costliest matmul of a small student with a large vocabulary.")
 
 
 @dataclass
@@ -74,7 +77,10 @@ class DistillSpec:
     """How targets are sourced (the method) and how the student is scored against them (the loss)."""
 
     method: Method = _f("offline", "offline: a frozen teacher's live logits on the training text are the soft "
-                        "targets (response-based KD). hard_labels: plain cross-entropy on the data, no teacher.")
+                        "targets (response-based KD). hard_labels: plain cross-entropy on the data, no teacher. "
+                        "cache: the teacher's top-k log-probabilities, computed once and stored on disk (see the "
+                        "cache section; `distil cache RECIPE` builds it), are the soft targets; no teacher in "
+                        "memory while training (forward_kl only).")
     loss: Divergence = _f("forward_kl", "Divergence between teacher and student token distributions: forward_kl = "
                           "KL(p_T||p_S) (mode-covering), reverse_kl = KL(p_S||p_T) (mode-seeking), jsd (beta), tvd, "
                           "skew_forward_kl / skew_reverse_kl (DistiLLM, skew_alpha).")
@@ -83,6 +89,25 @@ class DistillSpec:
     beta: float = _f(0.5, "JSD mixture weight: M = (1-beta) p_S + beta p_T; beta=0 is forward KL, 1 reverse KL.", ge=0.0, le=1.0)
     skew_alpha: float = _f(0.1, "Skew of the skewed KLs (DistiLLM uses 0.1).", ge=0.0, le=1.0)
     chunk_size: int = _f(1024, "Tokens per chunk when evaluating full-vocabulary losses (memory bound).", gt=0)
+
+
+@dataclass
+class CacheSpec:
+    """Teacher-logit cache (method `cache`, `distil cache`): the teacher's top-k per target token, on disk."""
+
+    dir: str = _f("", "Cache directory; empty = <output.dir>/<name>-cache (beside the run directory, so that "
+                  "`distil run --overwrite` keeps it). A cache made for another teacher, tokenizer, data, k or "
+                  "temperature is refused, never reused.")
+    k: int = _f(64, "Teacher token ids and log-probabilities kept per target token (260 bytes/token at k=64 with "
+                "a vocabulary under 65,536).", gt=0)
+    tail: Literal["renorm", "tail_term"] = _f("tail_term", "The teacher mass outside the top-k: renorm = renormalise "
+                                              "the top-k into a distribution; tail_term = add the term "
+                                              "(1-P_T) log((1-P_T)/(1-P_S)) over the rest of the vocabulary.")
+    temperature: float = _f(1.0, "Temperature of the stored log-probabilities. distill.temperature may differ with "
+                            "tail: renorm (exact re-tempering of the renormalised top-k), not with tail_term.", gt=0.0)
+    shard_tokens: int = _f(65536, "Target tokens per shard file (whole examples per shard); an interrupted build "
+                           "resumes after the last complete shard.", gt=0)
+    batch_size: int = _f(8, "Examples per teacher forward while building.", gt=0)
 
 
 @dataclass
@@ -125,6 +150,20 @@ class OutputSpec:
 
 
 @dataclass
+class ExportSpec:
+    """The end product: a GGUF file llama.cpp and Ollama run, written at the end of `distil run`."""
+
+    enabled: bool = _f(False, "Export the trained student to GGUF at the end of the run.")
+    quant: Literal["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q4_K_M", "Q5_K_M", "Q6_K"] = _f(
+        "Q4_K_M", "GGUF tensor type scheme (Q4_K_M: ~4.5-bit k-quants, llama.cpp's rules per tensor).")
+    path: Optional[str] = _f(None, "Output .gguf path (default: <run dir>/export/<name>-<quant>.gguf).")
+    modelfile: bool = _f(True, "Write an Ollama Modelfile next to the GGUF.")
+    prompt: Optional[str] = _f(None, "If llama-cpp-python is installed, load the GGUF in llama.cpp and print "
+                               "its answer to this chat prompt.")
+    max_tokens: int = _f(32, "Tokens to generate for `prompt`.", gt=0)
+
+
+@dataclass
 class Recipe:
     """A whole run: teacher -> student -> data -> method + loss -> train -> eval -> output."""
 
@@ -134,9 +173,11 @@ class Recipe:
     student: ModelSpec = _f(help="The student that is trained.", factory=lambda: ModelSpec(source="teacher"))
     data: DataSpec = _f(help="Training and evaluation data.", factory=DataSpec)
     distill: DistillSpec = _f(help="Method and loss.", factory=DistillSpec)
+    cache: CacheSpec = _f(help="Teacher-logit cache (method: cache).", factory=CacheSpec)
     train: TrainSpec = _f(help="Optimisation.", factory=TrainSpec)
     eval: EvalSpec = _f(help="Evaluation.", factory=EvalSpec)
     output: OutputSpec = _f(help="Outputs.", factory=OutputSpec)
+    export: ExportSpec = _f(help="GGUF export.", factory=ExportSpec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +305,9 @@ def _validate_cross(recipe: Recipe, where: str) -> None:
                           f"{recipe.distill.method!r}, found nothing")
     if not recipe.student.source:
         raise DistilError(f"{where}: student.source: expected a model source, found nothing")
+    if recipe.distill.method == "cache" and recipe.distill.loss != "forward_kl":
+        raise DistilError(f"{where}: distill.loss: method 'cache' trains with the sparse forward KL over the cached "
+                          f"top-k; expected 'forward_kl', found {recipe.distill.loss!r}")
     if recipe.student.layers is not None:
         if not recipe.student.layers:
             raise DistilError(f"{where}: student.layers: expected a non-empty list of layer indices, found []")
@@ -276,6 +320,8 @@ def _validate_cross(recipe: Recipe, where: str) -> None:
             raise DistilError(f"{where}: {role}.config: overrides need a 'config:' source, found source {spec.source!r}")
     if len(recipe.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in recipe.train.betas):
         raise DistilError(f"{where}: train.betas: expected two numbers in [0, 1), found {recipe.train.betas}")
+    if recipe.export.enabled and not recipe.output.save_student:
+        raise DistilError(f"{where}: export.enabled: the export stage needs output.save_student: true, found false")
     if not recipe.name or "/" in recipe.name or recipe.name.startswith("."):
         raise DistilError(f"{where}: name: expected a plain directory name, found {recipe.name!r}")
 
