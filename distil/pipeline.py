@@ -22,7 +22,8 @@ from distil import data as data_mod
 from distil.errors import DistilError
 from distil.eval.metrics import evaluate, format_table
 from distil.methods import METHODS, NEEDS_TEACHER
-from distil.models import Loaded, check_same_vocab, count_params, freeze, load_model, student_from_teacher
+from distil.models import (Loaded, check_same_vocab, count_params, freeze, load_model, resolve_dtype,
+                           student_from_teacher)
 from distil.recipe import Recipe, dump_recipe
 from distil.trainer import make_accelerator, train
 
@@ -57,7 +58,9 @@ def load_student(recipe: Recipe, teacher: Loaded | None, device: Any = "cpu") ->
                              seed=recipe.seed, device=device)
         if s.layers is not None:
             student = student_from_teacher(student, s.layers)
-    student.model.to(device)
+    # The student keeps fp32 master weights whatever the teacher's dtype; on GPUs the trainer runs
+    # its forward/backward under bf16 autocast (train.precision), the optimizer updates stay fp32.
+    student.model.to(device=device, dtype=torch.float32 if s.dtype == "auto" else resolve_dtype(s.dtype))
     for p in student.model.parameters():
         p.requires_grad_(True)
     if s.freeze_embeddings:
