@@ -25,10 +25,11 @@ weighting the soft term and (1-alpha) the hard one, the loss of a batch is
 where num_items counts the valid (label != -100) tokens of the GLOBAL batch, so summing the loss of every
 gradient-accumulation micro-batch and process gives the same gradient as one big batch.
 
-Memory: for V = 49,152, one [tokens x V] fp32 tensor is 192 KiB per token; a naive loss holds ~8 of them through
-backward. `distillation_loss` walks the valid tokens `chunk_size` at a time and computes each chunk's loss AND its
-gradient during the forward pass (a custom autograd Function), so only one chunk of fp32 work lives at a time;
-backward only scales the stored gradient. See fused.py for the version that never materialises the logits at all.
+Memory: for V = 49,152, one [tokens x V] fp32 tensor is 192 KiB per token and a plain autograd loss holds ~9 of
+them through backward. `distillation_loss` walks the valid tokens `chunk_size` at a time and computes each chunk's
+loss AND its gradient (analytic, below) during the forward pass of a custom autograd Function, so about two
+[chunk x V] fp32 buffers live at a time; backward only scales the stored gradient. `chunk_size=None` runs the
+plain-autograd path instead, the reference the tests compare against. fused.py never materialises logits at all.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ IGNORE_INDEX = -100
 # exp(-1e4) == 0 in fp32, so clamping log-probabilities there before mixing changes no probability, but keeps
 # logaddexp(-inf, -inf) (vocab entries both models mask with -inf) out of the graph, whose gradient is NaN.
 _LOG_FLOOR = -1e4
+_BLOCK_ROWS = 128  # rows per block of the in-place gradient math (its temporaries are [128 x V])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,9 +69,9 @@ def _log_mix(log_a: Tensor, w_a: float, log_b: Tensor, w_b: float) -> Tensor:
         return log_b
     if w_b == 0:
         return log_a
-    return torch.logaddexp(
-        (log_a + math.log(w_a)).clamp(min=_LOG_FLOOR), (log_b + math.log(w_b)).clamp(min=_LOG_FLOOR)
-    )
+    a = (log_a + math.log(w_a)).clamp_(min=_LOG_FLOOR)
+    b = (log_b + math.log(w_b)).clamp_(min=_LOG_FLOOR)
+    return torch.logaddexp(a, b) if torch.is_grad_enabled() else torch.logaddexp(a, b, out=a)
 
 
 def _divergence(ls: Tensor, lt: Tensor, kind: str, beta: float, skew_alpha: float) -> Tensor:
@@ -92,6 +94,81 @@ def _divergence(ls: Tensor, lt: Tensor, kind: str, beta: float, skew_alpha: floa
     if kind == "skew_reverse_kl":  # KL(p_S || (1-a) p_T + a p_S)
         return _kl(ls, _log_mix(lt, 1 - skew_alpha, ls, skew_alpha))
     raise DistilError(f"loss kind: expected one of {', '.join(DIVERGENCES)}, found {kind!r}")
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """<a, b> = sum_v a_v b_v per row, without a [n, V] temporary."""
+    return torch.einsum("nv,nv->n", a, b)
+
+
+def _divergence_and_grad(ls: Tensor, lt: Tensor, kind: str, beta: float, a: float) -> tuple[Tensor, Tensor]:
+    """D [n] (as `_divergence`) and dD/du [n, V], u = z_S / T, analytically. Overwrites ls and lt (memory).
+
+    Softmax chain rule: dD/du_v = sum_w dD/dls_w (delta_vw - p_S,v). Each divergence has dD/dls = p_S * r, so
+        dD/du = p_S * (r - <p_S, r>)
+      forward_kl   dD/du = p_S - p_T   (r = -p_T / p_S)
+      reverse_kl   r = ls - lt                         (and <p_S, r> = D)
+      jsd          r = (1-beta) (ls - log M)           M = (1-beta) p_S + beta p_T
+      tvd          r = sign(p_S - p_T) / 2
+      skew fwd     r = -(1-a) p_T / M                  M = a p_T + (1-a) p_S
+      skew rev     r = ls - log M - a p_S / M          M = (1-a) p_T + a p_S   (constants in r cancel)
+    Entries with p = 0 are zeroed before any product (0 * log 0 := 0, and no -inf - -inf).
+    """
+    if kind == "jsd" and beta in (0, 1):
+        kind = "forward_kl" if beta == 0 else "reverse_kl"
+    if kind.startswith("skew_") and a in (0, 1):  # a=0: the plain KL; a=1: KL(p||p) = 0
+        if a == 1:
+            return ls.new_zeros(ls.shape[0]), ls.zero_()
+        kind = "forward_kl" if kind == "skew_forward_kl" else "reverse_kl"
+    if kind == "forward_kl":
+        pt = lt.exp()
+        d = _dot(lt.sub_(ls).masked_fill_(pt == 0, 0.0), pt)  # sum p_T (lt - ls)
+        return d, ls.exp_().sub_(pt)
+    if kind == "tvd":
+        ps = ls.exp_()
+        diff = lt.exp_().sub_(ps)  # p_T - p_S, in lt's memory
+        d = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
+        return d, _project(ps, diff.sign_().mul_(-0.5))
+    # (statements ordered so that at most ~2 more [n, V] buffers exist besides ls and lt; n is a row block)
+    if kind == "reverse_kl":
+        ps = ls.exp()
+        r = ls.sub_(lt).masked_fill_(ps == 0, 0.0)
+        d = _dot(ps, r)
+        return d, r.sub_(d[:, None]).mul_(ps)
+    if kind == "jsd":
+        log_m = _log_mix(ls, 1 - beta, lt, beta)
+        pt = lt.exp()
+        kl_t = _dot(lt.sub_(log_m).masked_fill_(pt == 0, 0.0), pt)  # KL(p_T || M)
+        del pt
+        ps = ls.exp()
+        r = ls.sub_(log_m).masked_fill_(ps == 0, 0.0)
+        kl_s = _dot(ps, r)  # KL(p_S || M)
+        return beta * kl_t + (1 - beta) * kl_s, r.sub_(kl_s[:, None]).mul_(ps).mul_(1 - beta)
+    if kind == "skew_forward_kl":
+        log_m = _log_mix(lt, a, ls, 1 - a)
+        pt = lt.exp()
+        zero = pt == 0
+        t = lt.sub_(log_m).masked_fill_(zero, 0.0)  # log p_T - log M
+        del log_m
+        d = _dot(t, pt)
+        del pt
+        r = t.exp_().masked_fill_(zero, 0.0).mul_(a - 1)  # -(1-a) p_T / M
+        return d, _project(ls.exp_(), r)
+    if kind == "skew_reverse_kl":
+        log_m = _log_mix(lt, 1 - a, ls, a)
+        ps = ls.exp()
+        zero = ps == 0
+        r = ls.sub_(log_m).masked_fill_(zero, 0.0)  # log p_S - log M
+        del log_m
+        d = _dot(ps, r)
+        r.sub_(r.exp().mul_(a)).masked_fill_(zero, 0.0)  # - a p_S / M
+        return d, _project(ps, r)
+    raise DistilError(f"loss kind: expected one of {', '.join(DIVERGENCES)}, found {kind!r}")
+
+
+def _project(ps: Tensor, r: Tensor) -> Tensor:
+    """p_S * (r - <p_S, r>), in place in r."""
+    return r.sub_(_dot(ps, r)[:, None]).mul_(ps)
 
 
 def _check_args(kind: str, alpha: float, temperature: float, beta: float, skew_alpha: float) -> None:
@@ -188,6 +265,55 @@ def _chunk_loss(zs: Tensor, zt: Tensor, y: Tensor, cfg: _Config) -> tuple[Tensor
     return loss, kd.detach(), ce.detach()
 
 
+def _log_probs(logits: Tensor, t: float, own: bool = False) -> Tensor:
+    """log softmax(z / T) in fp32. own=True: the caller gives `logits` away, so its memory may be reused."""
+    x = logits.float()
+    own = own or x is not logits  # a fresh fp32 copy is ours
+    if t != 1:
+        x, own = (x.div_(t) if own else x / t), True
+    if not own:
+        return F.log_softmax(x, dim=-1)
+    for block in x.split(128):  # in place, a few rows at a time: no second [n, V] buffer
+        block.copy_(F.log_softmax(block, dim=-1))
+    return x
+
+
+def _chunk_loss_and_grad(ls: Tensor, lt: Tensor, y: Tensor, cfg: _Config) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_chunk_loss` plus d loss / d z_S [n, V] fp32, analytically, from fp32 log-probs at T.
+
+        d(T^2 D)/dz = T dD/du   (u = z/T)        d ce/dz = softmax(z) - onehot(y)
+
+    Works through blocks of rows so that its temporaries are [block x V]; the gradient overwrites ls (returned)
+    and lt is used as scratch space. So a chunk costs its two log-prob buffers and little more.
+    """
+    t, alpha = cfg.temperature, cfg.alpha
+    kd = ce = ls.new_zeros(())
+    for i in range(0, len(y), _BLOCK_ROWS):
+        lsb, ltb, yb = ls[i : i + _BLOCK_ROWS], lt[i : i + _BLOCK_ROWS], y[i : i + _BLOCK_ROWS]
+        if t == 1:
+            ce = ce - lsb.gather(-1, yb[:, None]).sum()
+            p1 = lsb.exp() if alpha < 1 else None
+        else:  # lsb = z/T - c, so z = T lsb + c' and CE(z) = logsumexp(T lsb) - T lsb[y]
+            z = lsb * t
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            ce = ce + (lse - z.gather(-1, yb[:, None])).sum()
+            p1 = z.sub_(lse).exp_() if alpha < 1 else None  # softmax(z)
+            del z
+        if alpha > 0:
+            d, grad = _divergence_and_grad(lsb, ltb, cfg.kind, cfg.beta, cfg.skew_alpha)
+            grad.mul_(alpha * t)
+        else:  # pure CE: the divergence is only a logged metric
+            d, grad = _divergence(lsb, ltb, cfg.kind, cfg.beta, cfg.skew_alpha), None
+        if alpha < 1:
+            grad = p1.mul_(1 - alpha) if grad is None else grad.add_(p1, alpha=1 - alpha)
+            grad[torch.arange(len(yb), device=y.device), yb] -= 1 - alpha
+        kd = kd + d.sum() * t**2
+        if grad.data_ptr() != lsb.data_ptr():
+            lsb.copy_(grad)
+    loss = (alpha * kd + (1 - alpha) * ce) / cfg.denom
+    return loss, kd, ce, ls.div_(cfg.denom)
+
+
 def _gather_rows(x: Tensor, idx: Tensor | slice) -> Tensor:
     """Rows idx of x viewed as [N, V] (a view for a slice of a viewable tensor, else a copy of those rows)."""
     if isinstance(idx, slice):
@@ -208,18 +334,22 @@ class _ChunkedDistillation(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=student_logits.device)
         kd, ce = loss.clone(), loss.clone()
         for rows in chunks:
-            zs = _gather_rows(student_logits, rows).detach().requires_grad_(need_grad)
-            zt = _gather_rows(teacher_logits, rows)
             y = labels.reshape(-1)[rows]
-            with torch.set_grad_enabled(need_grad):
-                c_loss, c_kd, c_ce = _chunk_loss(zs, zt, y, cfg)
             if need_grad:
-                (g,) = torch.autograd.grad(c_loss, zs)
+                copied = not isinstance(rows, slice)  # gathered rows are our own copy: reuse their memory
+                ls = _log_probs(_gather_rows(student_logits, rows), cfg.temperature, own=copied)
+                lt = _log_probs(_gather_rows(teacher_logits, rows), cfg.temperature, own=copied)
+                c_loss, c_kd, c_ce, g = _chunk_loss_and_grad(ls, lt, y, cfg)
                 if isinstance(rows, slice):
                     grad.view(-1, grad.shape[-1])[rows] = g
                 else:
                     grad[torch.unravel_index(rows, grad.shape[:-1])] = g
-            loss += c_loss.detach()
+                del ls, lt, g
+            else:
+                c_loss, c_kd, c_ce = _chunk_loss(
+                    _gather_rows(student_logits, rows), _gather_rows(teacher_logits, rows), y, cfg
+                )
+            loss += c_loss
             kd += c_kd
             ce += c_ce
         ctx.grad = grad
@@ -228,12 +358,24 @@ class _ChunkedDistillation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grad = ctx.grad
+        grad, ctx.grad = ctx.grad, None  # handed over, not copied: backward runs once (no retain_graph)
         if grad is None:
-            return None, None, None, None, None, None
+            raise RuntimeError("distillation_loss: backward can run only once per forward")
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # skip a [N x V] copy for loss.backward()
             grad = grad * grad_loss.to(grad.dtype)
         return grad, None, None, None, None, None
+
+
+def _denominator(num_items: int | Tensor | None, n_tokens: int) -> float:
+    """num_items (global valid-token count) as a float >= 1; it can never be below this call's own count."""
+    if num_items is None:
+        return float(max(n_tokens, 1))
+    if float(num_items) < n_tokens:
+        raise ValueError(
+            f"num_items={float(num_items):g} is below this call's {n_tokens} valid tokens; it must "
+            "count the valid tokens of the whole global batch"
+        )
+    return max(float(num_items), 1.0)
 
 
 def _row_chunks(valid: Tensor, n_rows: int, viewable: bool, chunk_size: int) -> list:
@@ -262,6 +404,7 @@ def distillation_loss(
     labels == -100 are masked: they change neither the loss nor any gradient. `num_items` is the valid-token
     count of the global batch (default: this call's). `chunk_size` valid tokens are processed at a time;
     `chunk_size=None` is the plain-autograd reference (all tokens at once). No gradient reaches the teacher.
+    -inf logits (masked vocabulary entries) are fine; NaN or +inf in a valid row is a model bug and shows as NaN.
     """
     _check_args(kind, alpha, temperature, beta, skew_alpha)
     _check_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
@@ -275,15 +418,11 @@ def distillation_loss(
     teacher_logits = teacher_logits.detach()
     valid = labels.reshape(-1) != IGNORE_INDEX
     n_tokens = int(valid.sum())
-    denom = float(n_tokens if num_items is None else num_items)
-    cfg = _Config(kind, alpha, temperature, beta, skew_alpha, max(denom, 1.0))
-
+    cfg = _Config(kind, alpha, temperature, beta, skew_alpha, _denominator(num_items, n_tokens))
     if chunk_size is None:  # reference path: one chunk, ordinary autograd
         rows = valid.nonzero().squeeze(1)
         y = labels.reshape(-1)[rows]
         loss, kd, ce = _chunk_loss(_gather_rows(student_logits, rows), _gather_rows(teacher_logits, rows), y, cfg)
-        if n_tokens == 0 and not loss.requires_grad and student_logits.requires_grad:
-            loss = student_logits.sum() * 0.0  # keep the graph so backward gives zero gradients
     else:
         try:
             student_logits.view(-1, student_logits.shape[-1]), teacher_logits.view(-1, teacher_logits.shape[-1])
