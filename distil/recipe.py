@@ -89,6 +89,9 @@ class DistillSpec:
     beta: float = _f(0.5, "JSD mixture weight: M = (1-beta) p_S + beta p_T; beta=0 is forward KL, 1 reverse KL.", ge=0.0, le=1.0)
     skew_alpha: float = _f(0.1, "Skew of the skewed KLs (DistiLLM uses 0.1).", ge=0.0, le=1.0)
     chunk_size: int = _f(1024, "Tokens per chunk when evaluating full-vocabulary losses (memory bound).", gt=0)
+    fused: bool = _f(True, "Offline method: compute the loss from both models' final hidden states and output "
+                     "heads chunk by chunk, never materialising [tokens x vocab] logits (same values; less "
+                     "memory and time). Falls back to plain logits for heads with soft-capping.")
 
 
 @dataclass
@@ -308,6 +311,12 @@ def _validate_cross(recipe: Recipe, where: str) -> None:
     if recipe.distill.method == "cache" and recipe.distill.loss != "forward_kl":
         raise DistilError(f"{where}: distill.loss: method 'cache' trains with the sparse forward KL over the cached "
                           f"top-k; expected 'forward_kl', found {recipe.distill.loss!r}")
+    if recipe.distill.method == "cache" and recipe.cache.tail == "tail_term" \
+            and recipe.distill.temperature != recipe.cache.temperature:
+        raise DistilError(f"{where}: cache.temperature: tail 'tail_term' needs the cached log-probs at the training "
+                          f"temperature (distill.temperature={recipe.distill.temperature:g}), found "
+                          f"{recipe.cache.temperature:g}; set them equal, or use cache.tail: renorm (re-tempered "
+                          f"exactly)")
     if recipe.student.layers is not None:
         if not recipe.student.layers:
             raise DistilError(f"{where}: student.layers: expected a non-empty list of layer indices, found []")
