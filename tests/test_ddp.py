@@ -1,4 +1,6 @@
-"""Multi-process: `torchrun`/`accelerate launch` run the same loop; 2 CPU processes (gloo) with
+"""Multi-process: the loop runs unchanged under any launcher that sets the torch.distributed
+environment (`torchrun` on CPU, as here; `accelerate launch` on GPUs; accelerate's own multi-CPU
+launcher needs MPI). 2 CPU processes (gloo) with
 batch B each must match 1 process with batch 2B (same global batches, same update)."""
 
 import json
