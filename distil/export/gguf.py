@@ -1,0 +1,264 @@
+"""Hugging Face model directory -> GGUF file that llama.cpp and Ollama load.
+
+The conversion convert_hf_to_gguf.py does for llama / mistral / qwen2, plus the tensor-type
+recipes of llama-quantize, in one streaming pass:
+
+1. read config.json and the safetensors headers (``tensors.SafeTensors``: no pickle, no torch);
+   check every tensor's shape against the config, which is where a pruned student with layers
+   of different widths is caught (llama.cpp needs one width for all layers);
+2. write metadata (``{arch}.*`` hyper-parameters, ``general.file_type``) and the tokenizer
+   (``vocab.py``);
+3. stream the tensors: rename (``model.layers.3.self_attn.q_proj`` -> ``blk.3.attn_q``), pick
+   the GGML type (``kquants.tensor_type``), and let ``tensors.Encoder`` permute Q/K rows for
+   llama's rotary layout and encode them in row chunks, in worker processes for big models;
+   append them to the file in order. Peak memory stays near a few quantized tensors.
+
+The file is written under a temporary name in the target directory and renamed at the end, so
+an interrupted export never leaves a half-written GGUF under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distil.errors import DistilError
+from distil.export.kquants import FILE_TYPE, QUANT_TYPES, tensor_type
+from distil.export.tensors import Encoder, SafeTensors, cpus
+from distil.export.vocab import add_vocab, read_vocab
+
+#: HF model_type -> (GGUF architecture, Q/K rows permuted for llama.cpp's NORM rope). Mistral is
+#: a llama graph (convert_hf_to_gguf writes it as "llama" too); qwen2 uses NEOX rope and biases.
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+
+_LAYER_MAP = {  # HF name inside model.layers.N -> GGUF name inside blk.N
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GLOBAL_MAP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+_PARALLEL_MIN = 1 << 23  # models with fewer weights are encoded in this process (no fork)
+
+
+@dataclass
+class ExportResult:
+    """What ``export_gguf`` wrote: the file, its size, the Modelfile, tensors per GGML type."""
+
+    path: Path
+    quant: str
+    n_tensors: int
+    size_bytes: int
+    modelfile: Path | None
+    tensor_types: dict[str, int]
+
+
+# ---------------------------------------------------------------- config and tensor plan
+
+
+def _config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise DistilError(f"{model_dir}: expected a Hugging Face model directory with config.json")
+    cfg = json.loads(path.read_text())
+    model_type = cfg.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise DistilError(f"{path}: model_type {model_type!r} ({cfg.get('architectures')}) cannot "
+                          f"be exported; supported: {', '.join(ARCHITECTURES)}")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise DistilError(f"{path}: rope scaling {rope_type!r} is not supported by the exporter "
+                          f"(supported: none, linear)")
+    if cfg.get("mlp_bias"):
+        raise DistilError(f"{path}: mlp_bias=true is not supported (llama.cpp's llama graph has "
+                          f"no FFN biases)")
+    n_head = cfg["num_attention_heads"]
+    return {
+        "path": path, "model_type": model_type, "n_layer": cfg["num_hidden_layers"],
+        "hidden": cfg["hidden_size"], "ffn": cfg["intermediate_size"], "n_head": n_head,
+        "n_kv": cfg.get("num_key_value_heads") or n_head,
+        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+        "vocab": cfg["vocab_size"], "ctx": cfg.get("max_position_embeddings", 2048),
+        "eps": cfg.get("rms_norm_eps", 1e-6),
+        "theta": rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+        "rope_type": rope_type, "rope_factor": rope.get("factor"),
+        # llama, mistral and qwen2 configs all default to untied embeddings
+        "tied": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
+def _gguf_name(hf: str) -> str | None:
+    base, _, suffix = hf.rpartition(".")
+    if base in _GLOBAL_MAP:
+        return f"{_GLOBAL_MAP[base]}.{suffix}"
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", base)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{suffix}"
+    return None
+
+
+def _expected_shape(gname: str, c: dict) -> tuple[int, ...]:
+    h, q, kv = c["hidden"], c["n_head"] * c["head_dim"], c["n_kv"] * c["head_dim"]
+    kind = gname.split(".")[-2] if gname.startswith("blk.") else gname.split(".")[0]
+    weight = {"token_embd": (c["vocab"], h), "output": (c["vocab"], h), "output_norm": (h,),
+              "attn_norm": (h,), "ffn_norm": (h,), "attn_q": (q, h), "attn_k": (kv, h),
+              "attn_v": (kv, h), "attn_output": (h, q), "ffn_gate": (c["ffn"], h),
+              "ffn_up": (c["ffn"], h), "ffn_down": (h, c["ffn"])}[kind]
+    return weight if gname.endswith(".weight") else weight[:1]
+
+
+def _plan(st: SafeTensors, c: dict) -> list[tuple[str, str]]:
+    """(hf_name, gguf_name) in GGUF order; refuses unknown tensors and non-uniform widths."""
+    plan, problems = [], []
+    for hf in st.entries:
+        if hf.endswith("rotary_emb.inv_freq") or (c["tied"] and hf == "lm_head.weight"):
+            continue  # recomputed by llama.cpp / the same matrix as the embedding
+        g = _gguf_name(hf)
+        if g is None:
+            raise DistilError(f"{c['path'].parent}: unexpected tensor {hf} for a "
+                              f"{c['model_type']} model (no GGUF name for it)")
+        if g.startswith("blk.") and int(g.split(".")[1]) >= c["n_layer"]:
+            raise DistilError(f"{c['path']}: tensor {hf} is past num_hidden_layers={c['n_layer']}")
+        want, got = _expected_shape(g, c), st.shape(hf)
+        if want != got:
+            problems.append(f"{hf} is {list(got)}, config implies {list(want)}")
+        plan.append((hf, g))
+    if problems:
+        raise DistilError(
+            f"{c['path'].parent}: tensor shapes do not match config.json ({len(problems)} "
+            f"tensors, e.g. {problems[0]}); layers with different widths after pruning cannot be "
+            f"loaded by llama.cpp (one head count and FFN width for all layers): prune uniformly "
+            f"or fix config.json")
+    names = {g for _, g in plan}
+    need = {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{i}.{t}.weight" for i in range(c["n_layer"])
+        for t in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                  "ffn_gate", "ffn_up", "ffn_down")}
+    if not c["tied"]:
+        need.add("output.weight")
+    if missing := sorted(need - names):
+        raise DistilError(f"{c['path'].parent}: missing tensors {missing[:3]} "
+                          f"({len(missing)} in all) for a {c['n_layer']}-layer model")
+    order = {"token_embd": 0, "output_norm": 1, "output": 2}
+
+    def key(item):  # global tensors first, then layer by layer: llama.cpp's own order
+        g = item[1]
+        return (int(g.split(".")[1]), g) if g.startswith("blk.") else (-1, str(order[g[:g.index(".")]]))
+
+    return sorted(plan, key=key)
+
+
+# ---------------------------------------------------------------- the writer
+
+
+def _add_metadata(w, c: dict, quant: str, name: str) -> None:
+    w.add_name(name)
+    w.add_file_type(FILE_TYPE[quant])
+    w.add_quantization_version(2)
+    w.add_block_count(c["n_layer"])
+    w.add_context_length(c["ctx"])
+    w.add_embedding_length(c["hidden"])
+    w.add_feed_forward_length(c["ffn"])
+    w.add_head_count(c["n_head"])
+    w.add_head_count_kv(c["n_kv"])
+    w.add_rope_freq_base(float(c["theta"]))
+    w.add_layer_norm_rms_eps(float(c["eps"]))
+    w.add_vocab_size(c["vocab"])
+    w.add_rope_dimension_count(c["head_dim"])
+    if c["head_dim"] * c["n_head"] != c["hidden"]:
+        w.add_key_length(c["head_dim"])
+        w.add_value_length(c["head_dim"])
+    if c["rope_type"] == "linear":
+        from gguf import RopeScalingType
+
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(c["rope_factor"]))
+
+
+def _add_tensor_infos(w, st: SafeTensors, plan, types) -> None:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for (hf, g), qt in zip(plan, types):
+        shape = st.shape(hf)
+        if qt in ("F32", "F16"):
+            dtype = np.dtype(np.float32 if qt == "F32" else np.float16)
+            w.add_tensor_info(g, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
+        else:  # quantized: the payload is uint8 rows of blocks
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qt]]
+            byte_shape = (*shape[:-1], shape[-1] // block * size)
+            w.add_tensor_info(g, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                              GGMLQuantizationType[qt])
+
+
+def export_gguf(model_dir, out_path, quant: str = "Q4_K_M", *, modelfile: bool = True,
+                name: str | None = None, pre_tokenizer: str | None = None,
+                workers: int | None = None) -> ExportResult:
+    """Write the HF model in ``model_dir`` as a ``quant`` GGUF at ``out_path``.
+
+    ``quant`` is one of ``QUANT_TYPES``; ``name`` goes to ``general.name`` (default: the
+    directory's name); ``pre_tokenizer`` overrides the llama.cpp pre-tokenizer name for BPE
+    tokenizers the exporter cannot identify. With ``modelfile`` an Ollama Modelfile is written
+    next to the GGUF (``OUT.Modelfile``). ``workers``: encoding processes (default: one per CPU
+    on Linux for models of 8M+ weights, else 1, i.e. in this process). Raises DistilError for
+    bad input; never leaves a partial file, and an existing ``out_path`` is only ever replaced
+    by a complete one.
+    """
+    from gguf import GGUFWriter
+
+    from distil.export.ollama import write_modelfile
+
+    if quant not in QUANT_TYPES:
+        raise DistilError(f"quant type {quant!r} does not exist; expected one of: "
+                          f"{', '.join(QUANT_TYPES)}")
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if not model_dir.is_dir():
+        raise DistilError(f"{model_dir}: model directory not found")
+    if not out_path.parent.is_dir():
+        raise DistilError(f"{out_path}: output directory {out_path.parent} does not exist")
+    if out_path.is_dir():
+        raise DistilError(f"{out_path}: expected a .gguf file path, found a directory")
+    c = _config(model_dir)
+    arch, permute = ARCHITECTURES[c["model_type"]]
+    st = SafeTensors(model_dir)
+    plan = _plan(st, c)
+    vocab = read_vocab(model_dir, c["vocab"], pre_tokenizer)
+    types = [tensor_type(g, st.shape(hf), quant, c["n_layer"], c["tied"]) for hf, g in plan]
+    if workers is None:
+        big = sum(int(np.prod(st.shape(hf))) for hf, _ in plan) >= _PARALLEL_MIN
+        workers = cpus() if big and sys.platform == "linux" else 1
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    w = GGUFWriter(tmp, arch)
+    encoder = Encoder([(st, hf, g, qt, c, permute) for (hf, g), qt in zip(plan, types)], workers)
+    try:
+        _add_metadata(w, c, quant, name or model_dir.name)
+        info = add_vocab(w, model_dir, vocab, c["vocab"])
+        _add_tensor_infos(w, st, plan, types)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for data in encoder:
+            w.write_tensor_data(data)
+        w.close()
+        os.replace(tmp, out_path)  # atomic: the final name only ever holds a complete file
+    except BaseException:
+        w.close()
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        encoder.close()
+    mf = None
+    if modelfile:
+        mf = write_modelfile(out_path, info["chat_template"], eos=info["eos"])
+    return ExportResult(out_path, quant, len(plan), out_path.stat().st_size, mf,
+                        dict(Counter(types)))
