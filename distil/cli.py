@@ -2,6 +2,7 @@
 
   distil run RECIPE [key=value ...] [--resume [CKPT]] [--overwrite]
   distil validate RECIPE [key=value ...] [--explain]
+  distil cache RECIPE [key=value ...]
   distil eval RUN_DIR_OR_RECIPE [key=value ...]
   distil export MODEL_DIR_OR_RUN --gguf OUT.gguf --quant Q4_K_M
   distil ls
@@ -124,8 +125,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from distil.methods.cache import cache_for_recipe, info
+    from distil.recipe import load_recipe
+
+    recipe = load_recipe(find_recipe(args.recipe), args.overrides)
+    _setup_quiet()
+    if recipe.train.threads:
+        import torch
+
+        torch.set_num_threads(recipe.train.threads)
+    found = info(cache_for_recipe(recipe))
+    print(f"cache: {found.dir} ({found.rows} target tokens, {found.shards} shards, k={recipe.cache.k}, "
+          f"{found.bytes / 1e6:.1f} MB, {found.bytes_per_token:.0f} bytes/token)")
+    return 0
+
+
 VERBS = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval, "ls": cmd_ls, "demo": cmd_demo,
-         "export": cmd_export}
+         "export": cmd_export, "cache": cmd_cache}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("target", help="run directory or recipe")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--student", default=None, help="evaluate this student directory instead")
+
+    c = sub.add_parser("cache", help="build (or finish, or check) a recipe's teacher-logit cache (top-k on disk)")
+    c.add_argument("recipe", help="recipe YAML (or the name of a bundled recipe)")
+    c.add_argument("overrides", nargs="*", help="key.path=value overrides")
 
     sub.add_parser("ls", help="list bundled recipes")
 

@@ -225,7 +225,10 @@ def load_examples(spec: Any, tok: Any, seed: int) -> tuple[list[dict], list[dict
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked in attention and in the labels."""
+    """Right-pad to the longest example; padding is masked in attention and in the labels.
+
+    Examples that all carry an integer "index" (their row in a teacher cache) also give batch["index"] [B].
+    """
     n = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
@@ -235,7 +238,10 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :k] = torch.tensor(e["input_ids"])
         labels[i, :k] = torch.tensor(e["labels"])
         mask[i, :k] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if all("index" in e for e in examples):  # examples tagged with their cache position (methods/cache.py)
+        batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    return batch
 
 
 def pad_id(tok: Any) -> int:

@@ -6,12 +6,16 @@ A loss function has the signature `loss_fn(student, batch, num_items) -> LossOut
 and all processes), so every method reduces its loss the same way.
 """
 
+from distil.methods.cache import build_cache
 from distil.methods.offline import build_hard_labels, build_offline
 
 # Recipe `distill.method` name -> builder(teacher_model_or_None, distill_spec, vocab_size).
+# `cache` takes an opened `TeacherCache` (methods/cache.py: `ensure_cache`) in place of the teacher model.
 METHODS = {
     "offline": build_offline,
     "hard_labels": build_hard_labels,
+    "cache": build_cache,
 }
 
-NEEDS_TEACHER = {"offline": True, "hard_labels": False}
+# Whether training needs the teacher model in memory. `cache` loads it only to build a missing cache.
+NEEDS_TEACHER = {"offline": True, "hard_labels": False, "cache": False}
