@@ -340,10 +340,7 @@ class _ChunkedDistillation(torch.autograd.Function):
                 ls = _log_probs(_gather_rows(student_logits, rows), cfg.temperature, own=copied)
                 lt = _log_probs(_gather_rows(teacher_logits, rows), cfg.temperature, own=copied)
                 c_loss, c_kd, c_ce, g = _chunk_loss_and_grad(ls, lt, y, cfg)
-                if isinstance(rows, slice):
-                    grad.view(-1, grad.shape[-1])[rows] = g
-                else:
-                    grad[torch.unravel_index(rows, grad.shape[:-1])] = g
+                _scatter_rows(grad, rows, g)
                 del ls, lt, g
             else:
                 c_loss, c_kd, c_ce = _chunk_loss(
@@ -378,12 +375,22 @@ def _denominator(num_items: int | Tensor | None, n_tokens: int) -> float:
     return max(float(num_items), 1.0)
 
 
-def _row_chunks(valid: Tensor, n_rows: int, viewable: bool, chunk_size: int) -> list:
-    """Chunks of valid row indices; plain slices (no copies) when every row is valid and the logits are viewable."""
+def _row_chunks(valid: Tensor, viewable: bool, chunk_size: int) -> list:
+    """Chunks of valid row indices, in order; plain slices (no copies) when every row is valid and the logits
+    are viewable."""
     idx = valid.nonzero().squeeze(1)
+    n_rows = valid.numel()
     if viewable and idx.numel() == n_rows:
         return [slice(i, min(i + chunk_size, n_rows)) for i in range(0, n_rows, chunk_size)]
     return list(idx.split(chunk_size))
+
+
+def _scatter_rows(grad: Tensor, rows: Tensor | slice, g: Tensor) -> None:
+    """grad (viewed as [N, V]) at rows = g: the inverse of `_gather_rows`."""
+    if isinstance(rows, slice):
+        grad.view(-1, grad.shape[-1])[rows] = g
+    else:
+        grad[torch.unravel_index(rows, grad.shape[:-1])] = g
 
 
 def distillation_loss(
@@ -429,7 +436,7 @@ def distillation_loss(
             viewable = True
         except RuntimeError:  # e.g. logits[:, :-1] of a [B, S, V] tensor: gather rows instead
             viewable = False
-        chunks = _row_chunks(valid, valid.numel(), viewable, chunk_size)
+        chunks = _row_chunks(valid, viewable, chunk_size)
         need_grad = torch.is_grad_enabled() and student_logits.requires_grad
         loss, kd, ce = _ChunkedDistillation.apply(student_logits, teacher_logits, labels, chunks, cfg, need_grad)
     return LossOutput(loss=loss, kd=kd.detach() / cfg.denom, ce=ce.detach() / cfg.denom, n_tokens=n_tokens)

@@ -42,25 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distil.errors import DistilError
-from distil.losses import IGNORE_INDEX, LossOutput
+from distil.losses import IGNORE_INDEX, LossOutput, _gather_rows, _row_chunks, _scatter_rows
 
 TailMode = Literal["renorm", "tail_term"]
 TAIL_MODES = ("renorm", "tail_term")
-
-
-def _gather_rows(x: Tensor, idx: Tensor | slice) -> Tensor:
-    """Rows idx of x viewed as [N, V] (a view for a slice of a viewable tensor, else a copy of those rows)."""
-    if isinstance(idx, slice):
-        return x.view(-1, x.shape[-1])[idx]
-    return x[torch.unravel_index(idx, x.shape[:-1])]
-
-
-def _row_chunks(valid: Tensor, viewable: bool, chunk_size: int) -> list:
-    """Chunks of valid row indices, in order; plain slices when every row is valid and the logits are viewable."""
-    idx = valid.nonzero().squeeze(1)
-    if viewable and idx.numel() == valid.numel():
-        return [slice(i, min(i + chunk_size, idx.numel())) for i in range(0, idx.numel(), chunk_size)]
-    return list(idx.split(chunk_size))
 
 
 def retemper(logprobs: Tensor, from_temperature: float, to_temperature: float) -> Tensor:
@@ -159,10 +144,7 @@ class _SparseDistillation(torch.autograd.Function):
                 _gather_rows(student_logits, rows), ids[sl], lq[sl], None if ltail is None else ltail[sl],
                 flat_labels[rows], cfg, need_grad)
             if g is not None:
-                if isinstance(rows, slice):
-                    grad.view(-1, grad.shape[-1])[rows] = g
-                else:
-                    grad[torch.unravel_index(rows, grad.shape[:-1])] = g
+                _scatter_rows(grad, rows, g)
             loss += c_loss
             kd += c_kd
             ce += c_ce
