@@ -109,6 +109,11 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
     teacher = load_teacher(recipe, device) if need_teacher else None
     student = load_student(recipe, teacher, device)
     vocab = check_same_vocab(teacher, student) if teacher is not None else len(student.tokenizer)
+    for role, loaded in (("teacher", teacher), ("student", student)):
+        limit = getattr(loaded.model.config, "max_position_embeddings", None) if loaded else None
+        if limit and recipe.data.seq_len > limit:
+            raise DistilError(f"data.seq_len: the {role} handles at most {limit} positions "
+                              f"(max_position_embeddings), found {recipe.data.seq_len}")
     train_ex, eval_ex = data_mod.load_examples(recipe.data, student.tokenizer, recipe.seed)
     pad = data_mod.pad_id(student.tokenizer)
     targets = teacher.model if teacher else None

@@ -63,6 +63,7 @@ def test_eval_verb_on_a_run_directory(make_recipe, capsys):
     ({"data": {"source": "/nonexistent/data.jsonl"}}, "/nonexistent/data.jsonl: data file not found"),
     ({"teacher": {"source": "/nonexistent/model"}}, "/nonexistent/model: model directory not found"),
     ({"student": {"layers": [0, 9]}}, "student.layers: the teacher has 4 layers"),
+    ({"data": {"seq_len": 1000}}, "data.seq_len: the teacher handles at most 512 positions"),
 ])
 def test_run_bad_input_is_one_line_exit_2(make_recipe, capsys, change, needle):
     assert main(["run", str(make_recipe(**change))]) == 2
