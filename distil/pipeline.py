@@ -114,6 +114,13 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
         if limit and recipe.data.seq_len > limit:
             raise DistilError(f"data.seq_len: the {role} handles at most {limit} positions "
                               f"(max_position_embeddings), found {recipe.data.seq_len}")
+    if recipe.export.enabled:  # fail before training, not after it
+        from distil.export import ARCHITECTURES
+
+        model_type = getattr(student.model.config, "model_type", None)
+        if model_type not in ARCHITECTURES:
+            raise DistilError(f"export.enabled: the student's architecture {model_type!r} cannot be exported to "
+                              f"GGUF; supported: {', '.join(ARCHITECTURES)}")
     train_ex, eval_ex = data_mod.load_examples(recipe.data, student.tokenizer, recipe.seed)
     pad = data_mod.pad_id(student.tokenizer)
     targets = teacher.model if teacher else None

@@ -96,3 +96,14 @@ def test_console_script_exit_code(tmp_path):
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"distil: error: {bad}: train.lr: expected a value > 0.0, found -1.0"
+
+
+def test_unexportable_student_fails_before_training(make_recipe, tmp_path, capsys):
+    cfg = tmp_path / "gpt2.json"
+    cfg.write_text('{"model_type": "gpt2", "vocab_size": 106, "n_embd": 16, "n_layer": 1, "n_head": 2, '
+                   '"n_positions": 64}')
+    path = make_recipe(student={"source": f"config:{cfg}", "layers": None}, data={"seq_len": 32},
+                       export={"enabled": True})
+    assert main(["run", str(path)]) == 2
+    assert "export.enabled: the student's architecture 'gpt2' cannot be exported" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "t").exists()  # nothing written

