@@ -16,11 +16,17 @@ For each chunk of rows c (Liger-Kernel's chunked fused-linear losses), in the fo
 
 and backward only multiplies the stored dh, dW, db by the incoming gradient (1.0 for `loss.backward()`).
 Peak extra memory is about three [chunk x V] fp32 tensors plus dW, instead of ~9 [N x V] ones.
+
+Only the middle two lines depend on the loss: `fused_linear_loss` takes them as a `ChunkLoss` callable (loss and
+G_c for one chunk's valid rows), and everything else (projection, dh/dW/db, backward) is shared. The dense
+divergences against a teacher's logits are `_dense_chunk_loss` here; the sparse top-k cache loss plugs in its own
+(sparse.fused_sparse_kd_loss).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +59,35 @@ def teacher_from_hidden(teacher_hidden: Tensor, teacher_weight: Tensor, teacher_
     return teacher
 
 
-class _FusedDistillation(torch.autograd.Function):
-    """Per chunk in forward: project, loss, G_c, then dh_c / dW / db; backward scales the stored gradients."""
+@dataclass(frozen=True)
+class Chunk:
+    """Rows start:end of the flat [N] batch, of which `rows` (indices into start:end) have a label; `offset` is
+    the number of valid rows before `start`, so that valid row j of the chunk is valid row offset + j overall
+    (sparse targets, such as a cache's, are stored per valid row)."""
+
+    start: int
+    end: int
+    rows: Tensor
+    offset: int
+
+    @property
+    def all_rows(self) -> bool:
+        return self.rows.numel() == self.end - self.start
+
+
+# chunk_loss(chunk, labels_of_valid_rows [n], student_logits) -> (loss, sum kd, sum ce, G_c = dloss/dz_c or None).
+# student_logits() projects z_c = h_c W^T + b for the chunk's valid rows [n, V] (a fresh tensor, the loss's to
+# reuse); it is a thunk so that a loss may fetch its targets first and hold fewer [n, V] buffers at once. G_c is
+# [n, V] (any float dtype) and must be returned when need_grad is set, None otherwise.
+ChunkLoss = Callable[[Chunk, Tensor, Callable[[], Tensor], bool], tuple[Tensor, Tensor, Tensor, "Tensor | None"]]
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Per chunk in forward: project, loss and G_c (the pluggable `chunk_loss`), then dh_c / dW / db; backward
+    scales the stored gradients. Chunks whose labels are all -100 are skipped (no projection at all)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, teacher, cfg, chunk_size, needs):
+    def forward(ctx, hidden, weight, bias, labels, chunk_loss, chunk_size, needs):
         need_h, need_w, need_b = needs
         n = hidden.shape[0]
         grad_h = torch.zeros_like(hidden) if need_h else None
@@ -66,28 +96,19 @@ class _FusedDistillation(torch.autograd.Function):
         need_grad = need_h or need_w or need_b
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kd, ce = loss.clone(), loss.clone()
+        offset = 0  # valid rows seen before this chunk
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             rows = (labels[start:end] != IGNORE_INDEX).nonzero().squeeze(1)
-            if rows.numel() == 0:  # nothing to learn here: skip both models' projections
+            if rows.numel() == 0:  # nothing to learn here: skip the projections
                 continue
-            all_rows = rows.numel() == end - start
+            chunk = Chunk(start, end, rows, offset)
+            offset += rows.numel()
+            all_rows = chunk.all_rows
             h_c = hidden[start:end] if all_rows else hidden[start:end][rows]
-            t_c = teacher(start, end).detach()
-            _check_vocab(weight.shape[0], t_c.shape[-1])
-            if t_c.shape[0] != end - start:
-                raise DistilError(f"teacher({start}, {end}) returned {t_c.shape[0]} rows, expected {end - start}")
-            t_c = t_c if all_rows else t_c[rows]
             y = labels[start:end][rows]
-            if not need_grad:
-                c_loss, c_kd, c_ce = _chunk_loss(F.linear(h_c, weight, bias), t_c, y, cfg)
-            else:
-                # teacher first, then the student's logits turned into log-probs in their own memory
-                lt = _log_probs(t_c, cfg.temperature, own=not all_rows)  # t_c[rows] is our copy
-                del t_c
-                ls = _log_probs(F.linear(h_c, weight, bias), cfg.temperature, own=True)
-                c_loss, c_kd, c_ce, g = _chunk_loss_and_grad(ls, lt, y, cfg)  # G_c = dL_c/dz_c, fp32
-                del ls, lt
+            c_loss, c_kd, c_ce, g = chunk_loss(chunk, y, lambda: F.linear(h_c, weight, bias), need_grad)
+            if need_grad:
                 g = g.to(weight.dtype)
                 if need_h:  # dh_c = G_c W
                     if all_rows:
@@ -99,9 +120,9 @@ class _FusedDistillation(torch.autograd.Function):
                         grad_w.addmm_(g.t(), h_c)
                     else:
                         grad_w += (g.t() @ h_c).float()
-                if need_b:
+                if need_b:  # db += sum over rows of G_c
                     grad_b += g.float().sum(0)
-                del g  # before the next chunk allocates its own
+            del g  # before the next chunk allocates its own
             loss += c_loss
             kd += c_kd
             ce += c_ce
@@ -115,13 +136,47 @@ class _FusedDistillation(torch.autograd.Function):
         one = torch.equal(grad_loss, torch.ones_like(grad_loss))
         grads, ctx.grads = ctx.grads, None  # handed over, not copied: backward runs once (no retain_graph)
         if grads is None:
-            raise RuntimeError("fused_distillation_loss: backward can run only once per forward")
+            raise RuntimeError("fused linear loss: backward can run only once per forward")
         out = []
         for g, dtype in zip(grads, ctx.dtypes):
             if g is not None:
                 g = (g if one else g * grad_loss).to(dtype)
             out.append(g)
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None)
+
+
+def fused_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk_loss: ChunkLoss,
+                      chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, sum kd, sum ce) of `chunk_loss` over hidden [N, H] @ W.T + b, chunk by chunk (see the module
+    docstring); gradients reach hidden, weight and bias as far as they require them."""
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    return _FusedLinearLoss.apply(hidden, weight, bias, labels, chunk_loss, chunk_size, needs)
+
+
+def _dense_chunk_loss(teacher: TeacherLogits, cfg: _Config, vocab: int) -> ChunkLoss:
+    """The dense divergences of losses.py against teacher(start, end) logits, as a `ChunkLoss`."""
+
+    def chunk_loss(chunk: Chunk, y: Tensor, student_logits: Callable[[], Tensor], need_grad: bool):
+        start, end, all_rows = chunk.start, chunk.end, chunk.all_rows
+        t_c = teacher(start, end).detach()
+        _check_vocab(vocab, t_c.shape[-1])
+        if t_c.shape[0] != end - start:
+            raise DistilError(f"teacher({start}, {end}) returned {t_c.shape[0]} rows, expected {end - start}")
+        t_c = t_c if all_rows else t_c[chunk.rows]
+        if not need_grad:
+            return (*_chunk_loss(student_logits(), t_c, y, cfg), None)
+        # teacher first, then the student's logits turned into log-probs in their own memory
+        lt = _log_probs(t_c, cfg.temperature, own=not all_rows)  # t_c[rows] is our copy
+        del t_c
+        ls = _log_probs(student_logits(), cfg.temperature, own=True)
+        return _chunk_loss_and_grad(ls, lt, y, cfg)  # G_c = dL_c/dz_c, fp32
+
+    return chunk_loss
 
 
 def fused_distillation_loss(
@@ -158,13 +213,6 @@ def fused_distillation_loss(
         )
     n_tokens = int((labels != IGNORE_INDEX).sum())
     cfg = _Config(kind, alpha, temperature, beta, skew_alpha, _denominator(num_items, n_tokens))
-    grad_on = torch.is_grad_enabled()
-    needs = (
-        grad_on and hidden.requires_grad,
-        grad_on and lm_head_weight.requires_grad,
-        grad_on and lm_head_bias is not None and lm_head_bias.requires_grad,
-    )
-    loss, kd, ce = _FusedDistillation.apply(
-        hidden, lm_head_weight, lm_head_bias, labels, teacher, cfg, chunk_size, needs
-    )
+    chunk_loss = _dense_chunk_loss(teacher, cfg, lm_head_weight.shape[0])
+    loss, kd, ce = fused_linear_loss(hidden, lm_head_weight, lm_head_bias, labels, chunk_loss, chunk_size)
     return LossOutput(loss=loss, kd=kd / cfg.denom, ce=ce / cfg.denom, n_tokens=n_tokens)

@@ -89,8 +89,8 @@ class DistillSpec:
     beta: float = _f(0.5, "JSD mixture weight: M = (1-beta) p_S + beta p_T; beta=0 is forward KL, 1 reverse KL.", ge=0.0, le=1.0)
     skew_alpha: float = _f(0.1, "Skew of the skewed KLs (DistiLLM uses 0.1).", ge=0.0, le=1.0)
     chunk_size: int = _f(1024, "Tokens per chunk when evaluating full-vocabulary losses (memory bound).", gt=0)
-    fused: bool = _f(True, "Offline method: compute the loss from both models' final hidden states and output "
-                     "heads chunk by chunk, never materialising [tokens x vocab] logits (same values; less "
+    fused: bool = _f(True, "Offline and cache methods: compute the loss from the models' final hidden states and "
+                     "output heads chunk by chunk, never materialising [tokens x vocab] logits (same values; less "
                      "memory and time). Falls back to plain logits for heads with soft-capping.")
 
 

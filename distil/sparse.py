@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distil.errors import DistilError
+from distil.fused import Chunk, fused_linear_loss
 from distil.losses import IGNORE_INDEX, LossOutput, _gather_rows, _row_chunks, _scatter_rows
 
 TailMode = Literal["renorm", "tail_term"]
@@ -162,6 +163,45 @@ class _SparseDistillation(torch.autograd.Function):
         return (grad,) + (None,) * 7
 
 
+def _prepare(topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor, labels: Tensor, vocab: int, dev, *,
+             tail: str, temperature: float, cache_temperature: float, alpha: float, num_items, chunk_size: int,
+             who: str, shape_error: str | None) -> tuple[_Cfg, Tensor, Tensor, Tensor | None, int]:
+    """Check the arguments shared by both entry points (`shape_error`: the caller's own input-shape complaint,
+    raised after the scalar checks); returns (cfg, ids int64, lq at T, log tail or None, number of valid rows)."""
+    if tail not in TAIL_MODES:
+        raise DistilError(f"sparse loss tail: expected one of {', '.join(TAIL_MODES)}, found {tail!r}")
+    if not temperature > 0 or not cache_temperature > 0:
+        raise DistilError(f"sparse loss temperature: expected numbers > 0, found {temperature!r}, "
+                          f"{cache_temperature!r}")
+    if not 0 <= alpha <= 1:
+        raise DistilError(f"sparse loss alpha: expected a number in [0, 1], found {alpha!r}")
+    if tail == "tail_term" and temperature != cache_temperature:
+        raise DistilError(
+            f"cache: tail 'tail_term' needs the cache's temperature ({cache_temperature:g}) to equal "
+            f"distill.temperature ({temperature:g}): the tail mass cannot be re-tempered without the logits outside "
+            f"the top-k; rebuild the cache with cache.temperature={temperature:g} or use cache.tail=renorm")
+    if chunk_size is None or chunk_size < 1:
+        raise DistilError(f"sparse loss chunk_size: expected an integer >= 1, found {chunk_size!r}")
+    if shape_error:
+        raise DistilError(shape_error)
+    n_tokens = int((labels.reshape(-1) != IGNORE_INDEX).sum())
+    k = topk_ids.shape[-1] if topk_ids.dim() == 2 else -1
+    if (topk_ids.shape != (n_tokens, k) or topk_logprobs.shape != topk_ids.shape
+            or tail_logmass.shape != (n_tokens,)):
+        raise DistilError(
+            f"{who}: expected one target row per valid label ({n_tokens}): ids/logprobs [{n_tokens}, k] and "
+            f"tail [{n_tokens}], found {tuple(topk_ids.shape)}, {tuple(topk_logprobs.shape)}, "
+            f"{tuple(tail_logmass.shape)}")
+    if n_tokens and int(topk_ids.max()) >= vocab:
+        raise DistilError(f"{who}: a cached token id ({int(topk_ids.max())}) is outside the student's "
+                          f"vocabulary ({vocab})")
+    denom = float(n_tokens if num_items is None else num_items)
+    cfg = _Cfg(tail, alpha, temperature, max(denom, 1.0))
+    ids = topk_ids.to(device=dev, dtype=torch.long)
+    lq, ltail = _targets(topk_logprobs.to(dev), tail_logmass.to(dev), cfg, cache_temperature)
+    return cfg, ids, lq, ltail, n_tokens
+
+
 def sparse_kd_loss(
     student_logits: Tensor,
     topk_ids: Tensor,
@@ -177,40 +217,14 @@ def sparse_kd_loss(
     chunk_size: int = 1024,
 ) -> LossOutput:
     """Forward KL from cached top-k teacher targets (see the module docstring for the formulas and the layout)."""
-    if tail not in TAIL_MODES:
-        raise DistilError(f"sparse loss tail: expected one of {', '.join(TAIL_MODES)}, found {tail!r}")
-    if not temperature > 0 or not cache_temperature > 0:
-        raise DistilError(f"sparse loss temperature: expected numbers > 0, found {temperature!r}, "
-                          f"{cache_temperature!r}")
-    if not 0 <= alpha <= 1:
-        raise DistilError(f"sparse loss alpha: expected a number in [0, 1], found {alpha!r}")
-    if tail == "tail_term" and temperature != cache_temperature:
-        raise DistilError(
-            f"cache: tail 'tail_term' needs the cache's temperature ({cache_temperature:g}) to equal "
-            f"distill.temperature ({temperature:g}): the tail mass cannot be re-tempered without the logits outside "
-            f"the top-k; rebuild the cache with cache.temperature={temperature:g} or use cache.tail=renorm")
-    if chunk_size is None or chunk_size < 1:
-        raise DistilError(f"sparse loss chunk_size: expected an integer >= 1, found {chunk_size!r}")
-    if student_logits.shape[:-1] != labels.shape:
-        raise DistilError(f"sparse_kd_loss: expected logits [..., V] and labels [...], found "
-                          f"{tuple(student_logits.shape)}, {tuple(labels.shape)}")
+    bad = student_logits.shape[:-1] != labels.shape
+    cfg, ids, lq, ltail, n_tokens = _prepare(
+        topk_ids, topk_logprobs, tail_logmass, labels, student_logits.shape[-1], student_logits.device, tail=tail,
+        temperature=temperature, cache_temperature=cache_temperature, alpha=alpha, num_items=num_items,
+        chunk_size=chunk_size, who="sparse_kd_loss",
+        shape_error=bad and (f"sparse_kd_loss: expected logits [..., V] and labels [...], found "
+                             f"{tuple(student_logits.shape)}, {tuple(labels.shape)}"))
     valid = labels.reshape(-1) != IGNORE_INDEX
-    n_tokens = int(valid.sum())
-    k = topk_ids.shape[-1] if topk_ids.dim() == 2 else -1
-    if (topk_ids.shape != (n_tokens, k) or topk_logprobs.shape != topk_ids.shape
-            or tail_logmass.shape != (n_tokens,)):
-        raise DistilError(
-            f"sparse_kd_loss: expected one target row per valid label ({n_tokens}): ids/logprobs [{n_tokens}, k] and "
-            f"tail [{n_tokens}], found {tuple(topk_ids.shape)}, {tuple(topk_logprobs.shape)}, "
-            f"{tuple(tail_logmass.shape)}")
-    if n_tokens and int(topk_ids.max()) >= student_logits.shape[-1]:
-        raise DistilError(f"sparse_kd_loss: a cached token id ({int(topk_ids.max())}) is outside the student's "
-                          f"vocabulary ({student_logits.shape[-1]})")
-    denom = float(n_tokens if num_items is None else num_items)
-    cfg = _Cfg(tail, alpha, temperature, max(denom, 1.0))
-    dev = student_logits.device
-    ids = topk_ids.to(device=dev, dtype=torch.long)
-    lq, ltail = _targets(topk_logprobs.to(dev), tail_logmass.to(dev), cfg, cache_temperature)
     try:
         student_logits.view(-1, student_logits.shape[-1])
         viewable = True
@@ -219,4 +233,48 @@ def sparse_kd_loss(
     chunks = _row_chunks(valid, viewable, chunk_size)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, kd, ce = _SparseDistillation.apply(student_logits, ids, lq, ltail, labels, chunks, cfg, need_grad)
+    return LossOutput(loss=loss, kd=kd.detach() / cfg.denom, ce=ce.detach() / cfg.denom, n_tokens=n_tokens)
+
+
+def fused_sparse_kd_loss(
+    student_hidden: Tensor,
+    lm_head_weight: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    labels: Tensor,
+    *,
+    lm_head_bias: Tensor | None = None,
+    tail: TailMode = "tail_term",
+    temperature: float = 1.0,
+    cache_temperature: float = 1.0,
+    alpha: float = 1.0,
+    num_items: int | float | Tensor | None = None,
+    chunk_size: int = 1024,
+) -> LossOutput:
+    """`sparse_kd_loss(student_hidden @ W.T + b, ...)` without materialising the student's [N, V] logits.
+
+    student_hidden [..., H] aligned with labels [...]; lm_head_weight [V, H] (+ lm_head_bias [V]); the sparse
+    targets as in `sparse_kd_loss` (one row per valid label, in order). The student's logits are projected chunk by
+    chunk inside distil/fused.py's fused linear loss, which hands each chunk's valid rows to `_sparse_chunk` for the
+    loss and G_c = dloss/dz_c; gradients reach student_hidden, lm_head_weight and lm_head_bias.
+    """
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    flat = labels.reshape(-1)
+    bad = hidden.shape[0] != flat.shape[0] or lm_head_weight.shape[-1] != hidden.shape[-1]
+    cfg, ids, lq, ltail, n_tokens = _prepare(
+        topk_ids, topk_logprobs, tail_logmass, flat, lm_head_weight.shape[0], hidden.device, tail=tail,
+        temperature=temperature, cache_temperature=cache_temperature, alpha=alpha, num_items=num_items,
+        chunk_size=chunk_size, who="fused_sparse_kd_loss",
+        shape_error=bad and (f"fused_sparse_kd_loss: expected hidden [N, H], labels [N], lm_head_weight [V, H], "
+                             f"found {tuple(student_hidden.shape)}, {tuple(labels.shape)}, "
+                             f"{tuple(lm_head_weight.shape)}"))
+
+    def chunk_loss(chunk: Chunk, y: Tensor, student_logits, need_grad: bool):
+        # the chunk's valid rows are sparse rows offset .. offset + n - 1 (the targets are stored per valid row)
+        sl = slice(chunk.offset, chunk.offset + len(y))
+        return _sparse_chunk(student_logits(), ids[sl], lq[sl], None if ltail is None else ltail[sl], y, cfg,
+                             need_grad)
+
+    loss, kd, ce = fused_linear_loss(hidden, lm_head_weight, lm_head_bias, flat, chunk_loss, chunk_size)
     return LossOutput(loss=loss, kd=kd.detach() / cfg.denom, ce=ce.detach() / cfg.denom, n_tokens=n_tokens)

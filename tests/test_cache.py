@@ -350,3 +350,56 @@ def test_the_cache_loss_asks_the_model_for_the_shifted_logits_only(tiny_teacher)
     want, want_labels = shift(m(input_ids=ids, attention_mask=mask).logits, batch["labels"], 100)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert torch.equal(got_labels, want_labels)
+
+
+@pytest.mark.parametrize("tail,temperature,alpha,bias", [("tail_term", 1.0, 0.5, False), ("renorm", 2.0, 1.0, True)])
+def test_the_cache_loss_is_the_same_fused_and_on_materialised_logits(cache_recipe, tmp_path, monkeypatch, tail,
+                                                                      temperature, alpha, bias):
+    import dataclasses
+
+    import distil.methods.cache as cache_method
+    from distil.data import load_examples
+    from distil.methods.cache import build_cache, with_index
+    from distil.models import load_model
+
+    # prompt/response records of different lengths: masked prompts and padding, so valid rows are not all rows
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "q" * (2 + i % 5) + str(i), "response": "answer " * (1 + i % 4)})
+                            + "\n" for i in range(10)))
+    recipe = load_recipe(cache_recipe("qa", data={"source": str(data), "chat_template": False, "eval_size": 2}))
+    cdir = cache_for_recipe(recipe, echo=lambda *a: None).dir
+    cache = TeacherCache(cdir, tail_mode=tail)
+    student = load_model(recipe.teacher.source).model
+    if bias:  # a head with a bias: its gradient must come out of the fused path too
+        head = student.lm_head
+        student.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+        student.lm_head.weight.data.copy_(head.weight.data)
+        torch.nn.init.normal_(student.lm_head.bias, std=0.5)
+    train_ex, _ = load_examples(recipe.data, load_model(recipe.teacher.source).tokenizer, recipe.seed)
+    batch = collate(with_index(train_ex)[:4], 0)
+    assert (batch["labels"][:, 1:] == -100).any()  # the valid-row bookkeeping matters
+    results = {}
+    materialised = cache_method._shifted_logits
+    for fused in (True, False):
+        def shifted_logits(*a, fused=fused):
+            assert not fused, "the fused path materialised the student's logits"
+            return materialised(*a)
+
+        monkeypatch.setattr(cache_method, "_shifted_logits", shifted_logits)
+        spec = dataclasses.replace(recipe.distill, fused=fused, temperature=temperature, alpha=alpha, chunk_size=7)
+        student.zero_grad(set_to_none=True)
+        out = build_cache(cache, spec, cache.vocab_size)(student, batch, 50.0)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        head = student.get_output_embeddings()  # may be tied to the input embeddings
+        grads["head.weight"] = head.weight.grad.clone()
+        if bias:
+            grads["head.bias"] = head.bias.grad.clone()
+        results[fused] = (out, grads)
+    (f, fg), (p, pg) = results[True], results[False]
+    for name in ("loss", "kd", "ce"):
+        torch.testing.assert_close(getattr(f, name), getattr(p, name), atol=1e-5, rtol=1e-5)
+    assert f.n_tokens == p.n_tokens > 0
+    assert fg.keys() == pg.keys()
+    for name in fg:
+        torch.testing.assert_close(fg[name], pg[name], atol=1e-5, rtol=1e-4, msg=name)

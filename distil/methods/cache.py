@@ -30,8 +30,8 @@ from distil.methods.cache_store import (  # noqa: F401 (re-exported: the cache's
     tokenizer_fingerprint,
 )
 from distil.methods.cache_store import _mismatch
-from distil.methods.offline import LossFn, shift
-from distil.sparse import sparse_kd_loss
+from distil.methods.offline import LossFn, _unwrap, final_hidden, fusable, shift
+from distil.sparse import fused_sparse_kd_loss, sparse_kd_loss
 
 
 def default_dir(recipe: Any) -> Path:
@@ -180,13 +180,21 @@ def build_cache(cache: TeacherCache, spec: Any, vocab: int) -> LossFn:
         if "index" not in batch:
             raise DistilError("method 'cache': the batch has no 'index' (tag the examples with with_index())")
         ids, lp, tail = cache.rows(batch["index"].tolist())
-        s, labels = _shifted_logits(student, batch, vocab)
+        labels = batch["labels"][:, 1:]
         n_valid = int((labels != -100).sum())
         if n_valid != ids.shape[0]:
             raise DistilError(f"cache {cache.dir}: the batch has {n_valid} target tokens but the cache has "
                               f"{ids.shape[0]} rows for its examples (the data changed since the cache was made)")
-        return sparse_kd_loss(s, ids, lp, tail, labels, tail=cache.tail_mode, temperature=spec.temperature,
-                              cache_temperature=cache.temperature, alpha=spec.alpha, num_items=num_items,
-                              chunk_size=spec.chunk_size)
+        kw = dict(tail=cache.tail_mode, temperature=spec.temperature, cache_temperature=cache.temperature,
+                  alpha=spec.alpha, num_items=num_items, chunk_size=spec.chunk_size)
+        if spec.fused and fusable(_unwrap(student)):
+            # the student's [tokens x V] logits never exist: its last hidden states go through the head chunk by
+            # chunk inside the loss (distil/fused.py), with the same sparse per-chunk math
+            head = _unwrap(student).get_output_embeddings()
+            bias = head.bias[:vocab] if head.bias is not None else None
+            h = final_hidden(student, batch)[:, :-1]
+            return fused_sparse_kd_loss(h, head.weight[:vocab], ids, lp, tail, labels, lm_head_bias=bias, **kw)
+        s, labels = _shifted_logits(student, batch, vocab)
+        return sparse_kd_loss(s, ids, lp, tail, labels, **kw)
 
     return loss_fn
