@@ -230,7 +230,7 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
             raise TrainingDiverged(f"training diverged at step {step + 1}: loss is {loss_value}{where}; "
                                    f"try a lower train.lr or train.max_grad_norm")
         grad_norm = float(acc.clip_grad_norm_(model.parameters(), spec.max_grad_norm)) if spec.max_grad_norm \
-            else float("nan")
+            else None  # clipping off: no norm computed (and NaN is not valid JSON in metrics.jsonl)
         opt.step()
         opt.zero_grad(set_to_none=True)
         last_loss = loss_value

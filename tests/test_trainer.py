@@ -132,3 +132,16 @@ def test_resume_from_missing_or_half_written_checkpoint(tmp_path, setup):
     # ... and 'latest' never picks a checkpoint without its completion marker.
     with pytest.raises(DistilError, match="no complete checkpoint"):
         train(_student(t), fn, examples, _spec(), run_dir=run, seed=0, pad_id=0, resume="latest")
+
+
+def test_metrics_are_strict_json_without_clipping(tmp_path, setup):
+    t, examples = setup
+    fn = METHODS["hard_labels"](None, DistillSpec(), len(t.tokenizer))
+    train(_student(t), fn, examples, _spec(steps=2, max_grad_norm=0.0, save_every=0), run_dir=tmp_path, seed=0,
+          pad_id=0)
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name} in metrics.jsonl")
+
+    rows = [json.loads(ln, parse_constant=refuse) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["grad_norm"] for r in rows] == [None, None]
