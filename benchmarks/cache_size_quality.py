@@ -91,7 +91,7 @@ def main() -> int:
 
     from distil.data import load_examples, pad_id
     from distil.eval.metrics import evaluate
-    from distil.methods import METHODS
+    from distil.methods import build_cache, build_offline
     from distil.methods.cache import ensure_cache, info, with_index
     from distil.models import Loaded, count_params, freeze, load_model, student_from_teacher
     from distil.recipe import recipe_from_dict
@@ -140,7 +140,7 @@ def main() -> int:
             cache.tail_mode = mode
             students[name] = fresh()
             t0 = time.perf_counter()
-            res = train(students[name], METHODS["cache"](cache, r.distill, vocab), with_index(train_ex), r.train,
+            res = train(students[name], build_cache(cache, r.distill, vocab), with_index(train_ex), r.train,
                         run_dir=work / name.replace(" ", "_").replace("=", ""), seed=r.seed, pad_id=pad)
             rows[name] = {"k": k, "tail": mode, "bytes_per_token": round(ci.bytes_per_token, 1),
                           "bytes": ci.bytes, "tokens": ci.rows, "shards": ci.shards, "build_s": round(build_s, 1),
@@ -149,7 +149,7 @@ def main() -> int:
     print("full distribution (live teacher) ...", flush=True)
     students["full distribution"] = fresh()
     t0 = time.perf_counter()
-    res = train(students["full distribution"], METHODS["offline"](memo, recipe.distill, vocab), train_ex,
+    res = train(students["full distribution"], build_offline(memo, recipe.distill, vocab), train_ex,
                 recipe.train, run_dir=work / "live", seed=recipe.seed, pad_id=pad)
     rows["full distribution"] = {"k": vocab, "tail": "-", "bytes_per_token": vocab * 4.0,
                                  "bytes_per_token_fp16": vocab * 2.0, "train_s": round(time.perf_counter() - t0, 1),

@@ -150,7 +150,7 @@ def main() -> int:
 
     from distil.data import load_examples, micro_batch, pad_id
     from distil.eval.metrics import evaluate
-    from distil.methods import METHODS
+    from distil.methods import build_cache, build_offline
     from distil.methods.cache import ensure_cache, info, with_index
     from distil.models import count_params, freeze, load_model, student_from_teacher
     from distil.recipe import recipe_from_dict
@@ -191,8 +191,8 @@ def main() -> int:
     cache = ensure_cache(recipe, train_ex, tok, teacher=teacher, echo=lambda *a: None)
     build_s = time.perf_counter() - t0
     ci = info(cache)
-    live_fn = METHODS["offline"](teacher.model, recipe.distill, vocab)
-    cache_fn = METHODS["cache"](cache, recipe.distill, vocab)
+    live_fn = build_offline(teacher.model, recipe.distill, vocab)
+    cache_fn = build_cache(cache, recipe.distill, vocab)
 
     def run_row(name: str, tag: str):
         student = fresh()

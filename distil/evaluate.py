@@ -8,7 +8,8 @@ from distil import data as data_mod
 from distil.errors import DistilError
 from distil.eval.metrics import evaluate, format_table
 from distil.models import check_same_vocab, count_params, load_model
-from distil.pipeline import load_student, load_teacher, write_report
+from distil.models import load_student, load_teacher
+from distil.pipeline import write_report
 from distil.recipe import load_recipe
 
 

@@ -41,7 +41,7 @@ from distil.losses import (
     _chunk_loss,
     _chunk_loss_and_grad,
     _Config,
-    _denominator,
+    denominator,
     _log_probs,
 )
 
@@ -212,7 +212,7 @@ def fused_distillation_loss(
             f"{tuple(student_hidden.shape)}, {tuple(labels.shape)}, {tuple(lm_head_weight.shape)}"
         )
     n_tokens = int((labels != IGNORE_INDEX).sum())
-    cfg = _Config(kind, alpha, temperature, beta, skew_alpha, _denominator(num_items, n_tokens))
+    cfg = _Config(kind, alpha, temperature, beta, skew_alpha, denominator(num_items, n_tokens))
     chunk_loss = _dense_chunk_loss(teacher, cfg, lm_head_weight.shape[0])
     loss, kd, ce = fused_linear_loss(hidden, lm_head_weight, lm_head_bias, labels, chunk_loss, chunk_size)
-    return LossOutput(loss=loss, kd=kd / cfg.denom, ce=ce / cfg.denom, n_tokens=n_tokens)
+    return LossOutput(loss=loss, metrics={"kd": kd / cfg.denom, "ce": ce / cfg.denom}, n_tokens=n_tokens)

@@ -35,7 +35,7 @@ plain-autograd path instead, the reference the tests compare against. fused.py n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -224,10 +224,26 @@ def hard_ce(student_logits: Tensor, labels: Tensor) -> Tensor:
 
 @dataclass
 class LossOutput:
+    """What every loss function returns to THE training loop.
+
+    `metrics` are named, detached scalars, each a sum over this call's items divided by the GLOBAL item count
+    (`num_items`), like the loss itself: the loop adds them up over micro-batches and processes, and each name
+    becomes a `metrics.jsonl` column and a progress-bar field (kd, ce, feature, kl, entropy, length ...).
+    """
+
     loss: Tensor  # scalar, differentiable: (alpha * sum kd + (1 - alpha) * sum ce) / num_items
-    kd: Tensor  # scalar, detached: sum kd / num_items
-    ce: Tensor  # scalar, detached: sum ce / num_items
-    n_tokens: int  # valid tokens in this call
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    n_tokens: int = 0  # valid tokens (items) in this call
+
+    @property
+    def kd(self) -> Tensor:
+        """sum kd / num_items (0 when the loss has no distillation term)."""
+        return self.metrics.get("kd", torch.zeros(()))
+
+    @property
+    def ce(self) -> Tensor:
+        """sum ce / num_items (0 when the loss has no hard-label term)."""
+        return self.metrics.get("ce", torch.zeros(()))
 
 
 @dataclass(frozen=True)
@@ -363,7 +379,7 @@ class _ChunkedDistillation(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _denominator(num_items: int | Tensor | None, n_tokens: int) -> float:
+def denominator(num_items: int | Tensor | None, n_tokens: int) -> float:
     """num_items (global valid-token count) as a float >= 1; it can never be below this call's own count."""
     if num_items is None:
         return float(max(n_tokens, 1))
@@ -425,7 +441,7 @@ def distillation_loss(
     teacher_logits = teacher_logits.detach()
     valid = labels.reshape(-1) != IGNORE_INDEX
     n_tokens = int(valid.sum())
-    cfg = _Config(kind, alpha, temperature, beta, skew_alpha, _denominator(num_items, n_tokens))
+    cfg = _Config(kind, alpha, temperature, beta, skew_alpha, denominator(num_items, n_tokens))
     if chunk_size is None:  # reference path: one chunk, ordinary autograd
         rows = valid.nonzero().squeeze(1)
         y = labels.reshape(-1)[rows]
@@ -439,4 +455,5 @@ def distillation_loss(
         chunks = _row_chunks(valid, viewable, chunk_size)
         need_grad = torch.is_grad_enabled() and student_logits.requires_grad
         loss, kd, ce = _ChunkedDistillation.apply(student_logits, teacher_logits, labels, chunks, cfg, need_grad)
-    return LossOutput(loss=loss, kd=kd.detach() / cfg.denom, ce=ce.detach() / cfg.denom, n_tokens=n_tokens)
+    return LossOutput(loss=loss, metrics={"kd": kd.detach() / cfg.denom, "ce": ce.detach() / cfg.denom},
+                      n_tokens=n_tokens)

@@ -58,12 +58,35 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
 # Safe checks of model directories
 
 
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}" if text else type(exc).__name__
+
+
+def read_config_json(path: Path) -> dict:
+    """A model's config.json as a dict with a 'model_type', or DistilError naming what is wrong with it."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise DistilError(f"{path}: expected a JSON model config, found invalid JSON ({_first_line(exc, 100)})") \
+            from None
+    except OSError as exc:
+        raise DistilError(f"{path}: cannot read the model config ({exc.strerror or _first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise DistilError(f"{path}: expected a JSON object (a model config), found a {type(data).__name__}")
+    if not isinstance(data.get("model_type"), str) or not data["model_type"]:
+        raise DistilError(f"{path}: model_type: expected the model's architecture name (e.g. 'llama'), "
+                          f"found {data.get('model_type', 'no such key')!r}")
+    return data
+
+
 def check_model_dir(path: Path) -> None:
     """A model directory must hold config.json and readable safetensors weights."""
     if not path.is_dir():
         raise DistilError(f"{path}: model directory not found")
     if not (path / "config.json").is_file():
         raise DistilError(f"{path}: expected a Hugging Face model directory with config.json, found none")
+    read_config_json(path / "config.json")
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
@@ -75,8 +98,11 @@ def check_model_dir(path: Path) -> None:
         raise DistilError(f"{path}: expected *.safetensors weights, found none")
     from safetensors import safe_open
 
+    from distil.export.tensors import check_safetensors
+
     for w in weights:
         size = w.stat().st_size
+        check_safetensors(w)  # header length, JSON, byte ranges: before safetensors (or anything) reads it
         try:
             with safe_open(str(w), framework="pt") as f:
                 names = list(f.keys())
@@ -200,18 +226,16 @@ def _config_from(ref: str, teacher: Loaded | None) -> tuple[Any, Path | None]:
             raise DistilError("config:teacher: needs a teacher")
         return copy.deepcopy(teacher.model.config), None
     path = Path(ref)
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DistilError(f"{path}: expected a JSON model config, found invalid JSON ({exc})") from None
-        if not isinstance(data, dict) or "model_type" not in data:
-            raise DistilError(f"{path}: expected a model config with a 'model_type' key, found none")
-        data = dict(data)
-        return AutoConfig.for_model(data.pop("model_type"), **data), path.parent
-    if (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(str(path)), path
-    raise DistilError(f"config:{ref}: expected a config.json file or a directory with one, found nothing")
+    if not path.is_file() and not (path / "config.json").is_file():
+        raise DistilError(f"config:{ref}: expected a config.json file or a directory with one, found nothing")
+    file = path if path.is_file() else path / "config.json"
+    data = dict(read_config_json(file))
+    try:
+        if file is not path:  # a directory: read the way transformers reads a model directory's config
+            return AutoConfig.from_pretrained(str(path)), path
+        return AutoConfig.for_model(data.pop("model_type"), **data), file.parent
+    except Exception as exc:  # transformers' own checks of the values (unknown model type, wrong field types)
+        raise DistilError(f"{file}: not a usable model config ({_first_line(exc)})") from None
 
 
 def _apply_config_overrides(config: Any, overrides: dict, where: str) -> None:
@@ -220,10 +244,13 @@ def _apply_config_overrides(config: Any, overrides: dict, where: str) -> None:
     known = set(config.to_dict())
     for key, value in overrides.items():
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise DistilError(f"{where}.config.{key}: not a field of the {config.model_type} config{hint}")
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except Exception as exc:  # transformers validates some fields' types
+            raise DistilError(f"{where}.config.{key}: {_first_line(exc)}") from None
     if "num_hidden_layers" in overrides and getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[: config.num_hidden_layers]
 
@@ -241,7 +268,10 @@ def load_model(source: str, *, dtype: str = "auto", config: dict | None = None, 
         cfg, cfg_dir = _config_from(source.split(":", 1)[1], teacher)
         _apply_config_overrides(cfg, config or {}, role)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # e.g. hidden_size not divisible by num_attention_heads, an unsupported model_type
+            raise DistilError(f"{source}: cannot build a causal LM from this config ({_first_line(exc)})") from None
         if tokenizer:
             tok = load_tokenizer(tokenizer, trust_remote_code)
         elif cfg_dir is not None and _has_tokenizer(cfg_dir):
@@ -343,3 +373,43 @@ def check_same_vocab(teacher: Loaded, student: Loaded) -> int:
 
 def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe's teacher and student
+
+
+def load_teacher(recipe: Any, device: Any = "cpu") -> Loaded | None:
+    """The recipe's frozen teacher on `device`; None when the recipe names none."""
+    if not recipe.teacher.source:
+        return None
+    t = recipe.teacher
+    loaded = load_model(t.source, dtype=t.dtype, config=t.config, tokenizer=t.tokenizer,
+                        trust_remote_code=t.trust_remote_code, role="teacher", seed=recipe.seed, device=device)
+    freeze(loaded.model.to(device))
+    return loaded
+
+
+def load_student(recipe: Any, teacher: Loaded | None, device: Any = "cpu") -> Loaded:
+    """The recipe's student, trainable, with fp32 master weights (unless student.dtype says otherwise)."""
+    s = recipe.student
+    if s.source == "teacher":
+        if teacher is None:
+            raise DistilError("student.source: 'teacher' needs teacher.source to be set")
+        student = student_from_teacher(teacher, s.layers)
+    else:
+        student = load_model(s.source, dtype=s.dtype, config=s.config, tokenizer=s.tokenizer,
+                             trust_remote_code=s.trust_remote_code, teacher=teacher, role="student",
+                             seed=recipe.seed, device=device)
+        if s.layers is not None:
+            student = student_from_teacher(student, s.layers)
+    # The student keeps fp32 master weights whatever the teacher's dtype; on GPUs the trainer runs
+    # its forward/backward under bf16 autocast (train.precision), the optimizer updates stay fp32.
+    student.model.to(device=device, dtype=torch.float32 if s.dtype == "auto" else resolve_dtype(s.dtype))
+    for p in student.model.parameters():
+        p.requires_grad_(True)
+    if s.freeze_embeddings:
+        for module in (student.model.get_input_embeddings(), student.model.get_output_embeddings()):
+            for p in module.parameters():
+                p.requires_grad_(False)
+    return student

@@ -1,8 +1,9 @@
-"""`distil run`: the stages a recipe names, in order, into one run directory.
+"""`distil run`: the stages a recipe names, in order, into one run directory. The same code for every method.
 
-recipe -> models (teacher, student) -> data -> method (a loss function) -> trainer (one loop)
--> eval -> save. The run directory `<output.dir>/<name>/` holds recipe.yaml (resolved),
-metrics.jsonl, checkpoints/, student/, eval.json and report.md.
+recipe -> models (teacher, student) -> data -> method.prepare (an artifact, optional) -> method.build (phases +
+finalize) -> THE loop per phase -> controls -> save -> eval (every row in one teacher pass) -> export.
+The run directory `<output.dir>/<name>/` holds recipe.yaml (resolved), metrics.jsonl, checkpoints/, student/,
+eval.json and report.md. The method contract is in distil/methods/contract.py and docs/design.md.
 """
 
 from __future__ import annotations
@@ -17,15 +18,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from distil import data as data_mod
 from distil.errors import DistilError
 from distil.eval.metrics import evaluate, format_table
-from distil.methods import METHODS, NEEDS_TEACHER
-from distil.models import (Loaded, check_same_vocab, count_params, freeze, load_model, resolve_dtype,
-                           student_from_teacher)
-from distil.recipe import Recipe, dump_recipe
+from distil.methods import METHODS
+from distil.methods.contract import Context, Phase, Trainable
+from distil.methods.hard_labels import build_hard_labels
+from distil.models import (Loaded, check_same_vocab, count_params, load_student,  # noqa: F401 (re-exported)
+                           load_teacher)
+from distil.recipe import Recipe, dump_recipe, recipe_to_dict
+from distil.checkpoint import list_checkpoints
 from distil.trainer import make_accelerator, train
+
+CONTROL = "student (hard_labels)"
+# Keys a resumed run may change: they do not change what the run computes, only how long, how often it
+# logs/saves, and what happens after training.
+RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.save_every", "train.keep_last",
+                     "train.threads", "eval.batch_size", "export.", "output.save_student")
 
 
 @dataclass
@@ -36,48 +47,68 @@ class RunResult:
     table: str | None
 
 
-def load_teacher(recipe: Recipe, device: Any = "cpu") -> Loaded | None:
-    if not recipe.teacher.source:
-        return None
-    t = recipe.teacher
-    loaded = load_model(t.source, dtype=t.dtype, config=t.config, tokenizer=t.tokenizer,
-                        trust_remote_code=t.trust_remote_code, role="teacher", seed=recipe.seed, device=device)
-    freeze(loaded.model.to(device))
-    return loaded
+# ----------------------------------------------------------------------------------------------
+# The run directory
 
 
-def load_student(recipe: Recipe, teacher: Loaded | None, device: Any = "cpu") -> Loaded:
-    s = recipe.student
-    if s.source == "teacher":
-        if teacher is None:
-            raise DistilError("student.source: 'teacher' needs teacher.source to be set")
-        student = student_from_teacher(teacher, s.layers)
-    else:
-        student = load_model(s.source, dtype=s.dtype, config=s.config, tokenizer=s.tokenizer,
-                             trust_remote_code=s.trust_remote_code, teacher=teacher, role="student",
-                             seed=recipe.seed, device=device)
-        if s.layers is not None:
-            student = student_from_teacher(student, s.layers)
-    # The student keeps fp32 master weights whatever the teacher's dtype; on GPUs the trainer runs
-    # its forward/backward under bf16 autocast (train.precision), the optimizer updates stay fp32.
-    student.model.to(device=device, dtype=torch.float32 if s.dtype == "auto" else resolve_dtype(s.dtype))
-    for p in student.model.parameters():
-        p.requires_grad_(True)
-    if s.freeze_embeddings:
-        for module in (student.model.get_input_embeddings(), student.model.get_output_embeddings()):
-            for p in module.parameters():
-                p.requires_grad_(False)
-    return student
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _check_resume(recipe: Recipe, run_dir: Path) -> None:
+    """A resumed run must be the same run: refuse a changed recipe (naming the first changed key) before anything
+    is written, and a run that never started."""
+    saved = run_dir / "recipe.yaml"
+    if not saved.is_file():
+        raise DistilError(f"{run_dir}: --resume: nothing to resume (no recipe.yaml: the run never started); "
+                          f"run without --resume")
+    try:
+        before = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise DistilError(f"{saved}: --resume: the run's recipe.yaml is not valid YAML") from None
+    old, new = _flatten(before if isinstance(before, dict) else {}), _flatten(recipe_to_dict(recipe))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES):
+            raise DistilError(f"{saved}: --resume: {key}: the run was made with {old.get(key)!r}, the recipe now says "
+                              f"{new.get(key)!r}; resume with the run's own recipe, or start a new run (name=...)")
+
+
+def check_run_dir(recipe: Recipe, resume: str | None, overwrite: bool) -> Path:
+    """Everything about the run directory that can be refused before models are loaded: nothing is written."""
+    out = Path(recipe.output.dir)
+    run_dir = out / recipe.name
+    for path, key in ((out, "output.dir"), (run_dir, "name")):
+        if path.exists() and not path.is_dir():
+            raise DistilError(f"{path}: {key}: expected a directory, found a file")
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DistilError(f"{out}: output.dir: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DistilError(f"{out}: output.dir: {ancestor} is not writable")
+    if resume:
+        _check_resume(recipe, run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise DistilError(f"{run_dir}: the run directory already exists; pass --resume to continue it, "
+                          f"--overwrite to replace it, or name=... for a new run")
+    return run_dir
 
 
 def prepare_run_dir(recipe: Recipe, resume: str | None, overwrite: bool) -> Path:
-    run_dir = Path(recipe.output.dir) / recipe.name
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise DistilError(f"{run_dir}: the run directory already exists; pass --resume to continue it, "
-                              f"--overwrite to replace it, or name=... for a new run")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = check_run_dir(recipe, resume, overwrite)
+    try:
+        if run_dir.exists() and any(run_dir.iterdir()) and overwrite and not resume:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, run_dir / "recipe.yaml")
+    except OSError as exc:
+        raise DistilError(f"{run_dir}: output.dir: cannot write the run directory ({exc.strerror or exc})") from None
     return run_dir
 
 
@@ -87,10 +118,52 @@ def save_student(student: Loaded, target: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     student.model.save_pretrained(tmp, safe_serialization=True)
     student.tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
+    old = target.parent / f".old-{target.name}"
+    if target.exists():  # rename away first: a kill here leaves the previous student under one of two names
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
     os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Phases
+
+
+def _phase_resume(resume: str | None, ckpt_root: Path) -> str | None:
+    """`--resume` for one phase: an explicit checkpoint belongs to the phase whose checkpoints/ holds it; any other
+    phase of a resumed run continues from its newest checkpoint, or starts (it never saved one)."""
+    if not resume:
+        return None
+    if resume != "latest" and Path(resume).resolve().parent == ckpt_root.resolve():
+        return resume
+    return "latest" if list_checkpoints(ckpt_root) else None
+
+
+def run_phase(phase: Phase, ctx: Context, resume: str | None, acc: Any) -> Any:
+    """One phase through THE loop, in its sub-directory of the run (metrics.jsonl, checkpoints/)."""
+    recipe, echo = ctx.recipe, ctx.echo
+    phase_dir = ctx.run_dir / phase.subdir if phase.subdir else ctx.run_dir
+    res = train(phase.module, phase.loss_fn, phase.examples, recipe.train, run_dir=phase_dir, seed=recipe.seed,
+                pad_id=ctx.pad_id,
+                resume=_phase_resume(resume, phase_dir / "checkpoints"), accelerator=acc, tag=phase.name,
+                count=phase.count, before_step=phase.before_step, after_step=phase.after_step)
+    echo(f"{phase.name}: trained {res.steps} steps, {res.tokens} target tokens in {res.seconds:.0f}s "
+         f"({res.tokens / max(res.seconds, 1e-9):.0f} tokens/s); final loss {res.last_loss:.4f}")
+    return res
+
+
+def hard_label_control(initial: torch.nn.Module, ctx: Context) -> Phase:
+    """The control row: the same initial student, data, steps and schedule, hard labels only."""
+    control = copy.deepcopy(initial).train()
+    for p_base, p_student in zip(control.parameters(), ctx.student.model.parameters()):
+        p_base.requires_grad_(p_student.requires_grad)  # same trainable set as the distilled run
+    return Phase(name="hard_labels", module=Trainable(control), loss_fn=build_hard_labels(vocab=ctx.vocab),
+                 examples=ctx.train_examples, subdir="hard_labels")
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, echo: Any = print) -> RunResult:
@@ -99,14 +172,13 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
     device = acc.device
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    run_dir = Path(recipe.output.dir) / recipe.name
-    if acc.is_main_process and run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
-        prepare_run_dir(recipe, resume, overwrite)  # refuses before any expensive loading
+    method = METHODS[recipe.distill.method]
+    if acc.is_main_process:
+        check_run_dir(recipe, resume, overwrite)  # refuses before any expensive loading
 
     # Load and check everything first: bad input fails before anything is written.
-    method = recipe.distill.method
-    need_teacher = NEEDS_TEACHER[method] or recipe.eval.enabled or recipe.student.source == "teacher"
-    teacher = load_teacher(recipe, device) if need_teacher else None
+    needs_teacher = method.teacher == "train" or recipe.eval.enabled or recipe.student.source == "teacher"
+    teacher = load_teacher(recipe, device) if needs_teacher else None
     student = load_student(recipe, teacher, device)
     vocab = check_same_vocab(teacher, student) if teacher is not None else len(student.tokenizer)
     for role, loaded in (("teacher", teacher), ("student", student)):
@@ -123,66 +195,55 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
                               f"GGUF; supported: {', '.join(ARCHITECTURES)}")
     train_ex, eval_ex = data_mod.load_examples(recipe.data, student.tokenizer, recipe.seed)
     pad = data_mod.pad_id(student.tokenizer)
-    targets = teacher.model if teacher else None
-    if method == "cache":  # the teacher's top-k from disk; the teacher is loaded only if the cache needs building
-        from distil.methods.cache import ensure_cache, with_index
-
-        targets = ensure_cache(recipe, train_ex, student.tokenizer, teacher=teacher, device=device, echo=echo,
-                               main=acc.is_main_process, wait=acc.wait_for_everyone)
-        train_ex = with_index(train_ex)
-    echo(f"teacher: {teacher.source if teacher else '-'} ({count_params(teacher.model) / 1e6:.1f}M params)"
-         if teacher else "teacher: none")
+    run_dir = Path(recipe.output.dir) / recipe.name
+    ctx = Context(recipe=recipe, student=student, train_examples=train_ex, eval_examples=eval_ex, vocab=vocab,
+                  pad_id=pad, device=device, run_dir=run_dir, echo=echo, main=acc.is_main_process,
+                  wait=acc.wait_for_everyone, load_teacher=lambda: load_teacher(recipe, device), _teacher=teacher)
+    del teacher
+    if method.prepare is not None:  # e.g. the teacher cache: built (or finished) before the run directory exists
+        ctx.artifact = method.prepare(ctx)
+    echo(f"teacher: {ctx.teacher().source} ({count_params(ctx.teacher().model) / 1e6:.1f}M params)"
+         if ctx.has_teacher else "teacher: none")
     echo(f"student: {count_params(student.model) / 1e6:.1f}M params; data: {len(train_ex)} train / "
-         f"{len(eval_ex)} eval examples of <= {recipe.data.seq_len} tokens; method: {method}, loss: "
+         f"{len(eval_ex)} eval examples of <= {recipe.data.seq_len} tokens; method: {method.name}, loss: "
          f"{recipe.distill.loss}")
+    if method.teacher != "train" and not recipe.eval.enabled:
+        ctx.drop_teacher()  # it only built the student or the artifact: train without it in memory
 
     if acc.is_main_process:
         prepare_run_dir(recipe, resume, overwrite)
-        dump_recipe(recipe, run_dir / "recipe.yaml")
     acc.wait_for_everyone()
 
     initial = copy.deepcopy(student.model).eval() if recipe.eval.enabled else None
-    loss_fn = METHODS[method](targets, recipe.distill, vocab)
-    if method == "cache" and not recipe.eval.enabled:
-        teacher = None  # it only built the student (or the cache): train without it in memory
-    result = train(student.model, loss_fn, train_ex, recipe.train, run_dir=run_dir, seed=recipe.seed, pad_id=pad,
-                   resume=resume, accelerator=acc, tag=method)
-    echo(f"trained {result.steps} steps, {result.tokens} target tokens in {result.seconds:.0f}s "
-         f"({result.tokens / max(result.seconds, 1e-9):.0f} tokens/s); final loss {result.last_loss:.4f}")
-
-    baseline = None
-    if recipe.eval.hard_label_baseline and method != "hard_labels":
-        # The control: the same initial student, data, steps and schedule, hard labels only.
-        baseline = copy.deepcopy(initial).train()
-        for p_base, p_student in zip(baseline.parameters(), student.model.parameters()):
-            p_base.requires_grad_(p_student.requires_grad)  # same trainable set as the distilled run
-        base_dir = run_dir / "hard_labels"
-        base_resume = "latest" if resume and (base_dir / "checkpoints").is_dir() else None
-        hard = METHODS["hard_labels"](None, recipe.distill, vocab)
-        res = train(baseline, hard, train_ex, recipe.train, run_dir=base_dir, seed=recipe.seed, pad_id=pad,
-                    resume=base_resume, accelerator=acc, tag="hard_labels")
-        echo(f"hard-label baseline: {res.steps} steps in {res.seconds:.0f}s; final loss {res.last_loss:.4f}")
+    stage = method.build(ctx)
+    for phase in stage.phases:
+        run_phase(phase, ctx, resume, acc)
+    rows: dict[str, torch.nn.Module] = {}
+    if recipe.eval.hard_label_baseline and method.name != "hard_labels":
+        res = run_phase(hard_label_control(initial, ctx), ctx, resume, acc)
+        rows[CONTROL] = res.model.student
+    final = stage.finalize() if stage.finalize is not None else student.model
+    if not acc.is_main_process:  # rank 0 alone saves, evaluates and exports; the others are done
+        return RunResult(run_dir=run_dir, eval=None, student_dir=None, table=None)
 
     student_dir = None
-    if acc.is_main_process and recipe.output.save_student:
-        student_dir = save_student(student, run_dir / "student")
-
+    if recipe.output.save_student:
+        student_dir = save_student(Loaded(final, student.tokenizer, student.source, student.path),
+                                   run_dir / "student")
     results, table = None, None
-    if recipe.eval.enabled and acc.is_main_process:
-        rows = {"student (before)": initial, f"student ({method})": student.model}
-        if baseline is not None:
-            rows["student (hard_labels)"] = baseline
-        results = evaluate(teacher.model if teacher else None, rows, eval_ex, batch_size=recipe.eval.batch_size,
-                           pad_id=pad, vocab=vocab, chunk_size=recipe.distill.chunk_size, device=device)
+    if recipe.eval.enabled:
+        rows = {"student (before)": initial, f"student ({method.name})": final, **rows, **stage.eval_rows()}
+        teacher_model = ctx.teacher().model if ctx.has_teacher or recipe.teacher.source else None
+        results = evaluate(teacher_model, rows, eval_ex, batch_size=recipe.eval.batch_size, pad_id=pad,
+                           vocab=vocab, chunk_size=recipe.distill.chunk_size, device=device)
         params = {name: count_params(m) for name, m in rows.items()}
-        if teacher is not None:
-            params["teacher"] = count_params(teacher.model)
+        if teacher_model is not None:
+            params["teacher"] = count_params(teacher_model)
         table = format_table(results, params)
         write_report(run_dir, recipe, results, params, table)
         echo(table)
-    if recipe.export.enabled and acc.is_main_process:
+    if recipe.export.enabled:
         export_student(recipe, run_dir, student_dir, echo)
-    acc.wait_for_everyone()
     return RunResult(run_dir=run_dir, eval=results, student_dir=student_dir, table=table)
 
 
@@ -208,9 +269,16 @@ def export_student(recipe: Recipe, run_dir: Path, student_dir: Path | None, echo
     return Path(result.path)
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.parent / f".tmp-{path.name}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_report(run_dir: Path, recipe: Recipe, results: dict, params: dict, table: str) -> None:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    (run_dir / "eval.json").write_text(json.dumps({"results": results, "params": params, "date": stamp}, indent=2))
-    (run_dir / "report.md").write_text(
-        f"# {recipe.name}\n\n{stamp}. Method `{recipe.distill.method}`, loss `{recipe.distill.loss}`, "
-        f"{recipe.train.steps} steps.\n\n```\n{table}\n```\n")
+    _write_text_atomic(run_dir / "eval.json", json.dumps({"results": results, "params": params, "date": stamp},
+                                                         indent=2))
+    _write_text_atomic(run_dir / "report.md",
+                       f"# {recipe.name}\n\n{stamp}. Method `{recipe.distill.method}`, loss `{recipe.distill.loss}`, "
+                       f"{recipe.train.steps} steps.\n\n```\n{table}\n```\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -24,18 +25,16 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from distil.errors import DistilError
+from distil.methods import METHODS
+from distil.options import option
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]
-Method = Literal["offline", "hard_labels", "cache"]
+# Method names come from the registry (distil/methods/__init__.py): a Literal, never an import path.
+Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, **checks: Any) -> Any:
-    """A dataclass field with documentation and range checks (gt, ge, le, lt, nonempty)."""
-    meta = {"help": help, **checks}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+_f = option  # a documented, range-checked dataclass field (distil/options.py)
 
 
 @dataclass
@@ -76,11 +75,8 @@ class DataSpec:
 class DistillSpec:
     """How targets are sourced (the method) and how the student is scored against them (the loss)."""
 
-    method: Method = _f("offline", "offline: a frozen teacher's live logits on the training text are the soft "
-                        "targets (response-based KD). hard_labels: plain cross-entropy on the data, no teacher. "
-                        "cache: the teacher's top-k log-probabilities, computed once and stored on disk (see the "
-                        "cache section; `distil cache RECIPE` builds it), are the soft targets; no teacher in "
-                        "memory while training (forward_kl only).")
+    method: Method = _f("offline", "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+                        + ". A method with options reads them from its own section (e.g. cache:).")
     loss: Divergence = _f("forward_kl", "Divergence between teacher and student token distributions: forward_kl = "
                           "KL(p_T||p_S) (mode-covering), reverse_kl = KL(p_S||p_T) (mode-seeking), jsd (beta), tvd, "
                           "skew_forward_kl / skew_reverse_kl (DistiLLM, skew_alpha).")
@@ -91,26 +87,9 @@ class DistillSpec:
     chunk_size: int = _f(1024, "Tokens per chunk when evaluating full-vocabulary losses (memory bound).", gt=0)
     fused: bool = _f(True, "Offline and cache methods: compute the loss from the models' final hidden states and "
                      "output heads chunk by chunk, never materialising [tokens x vocab] logits (same values; less "
-                     "memory and time). Falls back to plain logits for heads with soft-capping.")
-
-
-@dataclass
-class CacheSpec:
-    """Teacher-logit cache (method `cache`, `distil cache`): the teacher's top-k per target token, on disk."""
-
-    dir: str = _f("", "Cache directory; empty = <output.dir>/<name>-cache (beside the run directory, so that "
-                  "`distil run --overwrite` keeps it). A cache made for another teacher, tokenizer, data, k or "
-                  "temperature is refused, never reused.")
-    k: int = _f(64, "Teacher token ids and log-probabilities kept per target token (260 bytes/token at k=64 with "
-                "a vocabulary under 65,536).", gt=0)
-    tail: Literal["renorm", "tail_term"] = _f("tail_term", "The teacher mass outside the top-k: renorm = renormalise "
-                                              "the top-k into a distribution; tail_term = add the term "
-                                              "(1-P_T) log((1-P_T)/(1-P_S)) over the rest of the vocabulary.")
-    temperature: float = _f(1.0, "Temperature of the stored log-probabilities. distill.temperature may differ with "
-                            "tail: renorm (exact re-tempering of the renormalised top-k), not with tail_term.", gt=0.0)
-    shard_tokens: int = _f(65536, "Target tokens per shard file (whole examples per shard); an interrupted build "
-                           "resumes after the last complete shard.", gt=0)
-    batch_size: int = _f(8, "Examples per teacher forward while building.", gt=0)
+                     "memory and time). Checked once on the first batch: a model whose head does not reproduce its "
+                     "own logits from hidden @ W.T (logit scaling, soft-capping) falls back to plain logits, with "
+                     "one note.")
 
 
 @dataclass
@@ -167,8 +146,8 @@ class ExportSpec:
 
 
 @dataclass
-class Recipe:
-    """A whole run: teacher -> student -> data -> method + loss -> train -> eval -> output."""
+class CoreRecipe:
+    """The sections every run has; `Recipe` adds one section per method that has options."""
 
     name: str = _f("run", "Run name: the run directory is <output.dir>/<name>.")
     seed: int = _f(0, "Seed for initialisation, data order and dropout.")
@@ -176,11 +155,27 @@ class Recipe:
     student: ModelSpec = _f(help="The student that is trained.", factory=lambda: ModelSpec(source="teacher"))
     data: DataSpec = _f(help="Training and evaluation data.", factory=DataSpec)
     distill: DistillSpec = _f(help="Method and loss.", factory=DistillSpec)
-    cache: CacheSpec = _f(help="Teacher-logit cache (method: cache).", factory=CacheSpec)
     train: TrainSpec = _f(help="Optimisation.", factory=TrainSpec)
     eval: EvalSpec = _f(help="Evaluation.", factory=EvalSpec)
     output: OutputSpec = _f(help="Outputs.", factory=OutputSpec)
     export: ExportSpec = _f(help="GGUF export.", factory=ExportSpec)
+
+
+def _method_sections() -> list[tuple[str, type, Any]]:
+    """One recipe section per registered method with options (e.g. `cache:`), typed by the method's dataclass."""
+    sections = []
+    for m in METHODS.values():
+        if m.options is not None:
+            doc = (m.options.__doc__ or "").strip().splitlines()[0] if m.options.__doc__ else ""
+            sections.append((m.section_name, m.options, _f(help=doc or f"Options of method {m.name!r}.",
+                                                           factory=m.options)))
+    return sections
+
+
+# A whole run: teacher -> student -> data -> method (+ its section) + loss -> train -> eval -> output -> export.
+Recipe = dataclasses.make_dataclass("Recipe", _method_sections(), bases=(CoreRecipe,))
+Recipe.__module__ = __name__
+Recipe.__doc__ = "A whole run: teacher -> student -> data -> method + loss -> train -> eval -> output -> export."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,13 +247,21 @@ def _convert(value: Any, tp: Any, where: str, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
+        if not -2**63 <= value < 2**63:  # torch, numpy and the JSON of checkpoints hold 64 bits at most
+            raise DistilError(f"{where}: {path}: expected an integer that fits in 64 bits, found {_found(value)}")
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string; accept it as the number it is
+            value = float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string; accept it as the number it is
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):  # .inf / .nan validate every range check or none, then training diverges
+            raise DistilError(f"{where}: {path}: expected a finite number, found {_found(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad
@@ -266,6 +269,11 @@ def _convert(value: Any, tp: Any, where: str, path: str) -> Any:
     if tp is Any:
         return value
     raise TypeError(f"unsupported recipe type {tp}")  # a bug in distil, not user input
+
+
+#: Range checks of fields whose dataclass declares none: a seed must be a valid seed for Python's, numpy's and
+#: torch's generators (numpy takes 0 <= seed < 2**32; torch 64 bits, and data order seeds with seed * 1_000_003).
+_PATH_RANGES = {"seed": {"ge": 0, "lt": 2**32}}
 
 
 def _check_range(value: Any, meta: dict, where: str, path: str) -> None:
@@ -296,27 +304,26 @@ def _build(cls: type, data: dict, where: str, prefix: str = "", base: dict | Non
             converted = _build(tp, value, where, path, base)
         else:
             converted = _convert(value, tp, where, path)
-        _check_range(converted, dict(fields[key].metadata), where, path)
+        _check_range(converted, {**_PATH_RANGES.get(path, {}), **fields[key].metadata}, where, path)
         kwargs[key] = converted
     return cls(**kwargs)
 
 
 def _validate_cross(recipe: Recipe, where: str) -> None:
     """Checks that involve more than one key."""
-    if not recipe.teacher.source and recipe.distill.method != "hard_labels":
+    method = METHODS[recipe.distill.method]
+    if not recipe.teacher.source and method.teacher != "none":
         raise DistilError(f"{where}: teacher.source: expected a model source for method "
                           f"{recipe.distill.method!r}, found nothing")
     if not recipe.student.source:
         raise DistilError(f"{where}: student.source: expected a model source, found nothing")
-    if recipe.distill.method == "cache" and recipe.distill.loss != "forward_kl":
-        raise DistilError(f"{where}: distill.loss: method 'cache' trains with the sparse forward KL over the cached "
-                          f"top-k; expected 'forward_kl', found {recipe.distill.loss!r}")
-    if recipe.distill.method == "cache" and recipe.cache.tail == "tail_term" \
-            and recipe.distill.temperature != recipe.cache.temperature:
-        raise DistilError(f"{where}: cache.temperature: tail 'tail_term' needs the cached log-probs at the training "
-                          f"temperature (distill.temperature={recipe.distill.temperature:g}), found "
-                          f"{recipe.cache.temperature:g}; set them equal, or use cache.tail: renorm (re-tempered "
-                          f"exactly)")
+    if recipe.student.source == "teacher" and not recipe.teacher.source:
+        raise DistilError(f"{where}: student.source: 'teacher' needs teacher.source to be set, found nothing")
+    if recipe.eval.hard_label_baseline and not recipe.eval.enabled:
+        raise DistilError(f"{where}: eval.hard_label_baseline: the control is a row of the evaluation; expected "
+                          f"eval.enabled: true, found false")
+    if method.check is not None:
+        method.check(recipe, where)  # the method's own cross-key checks
     if recipe.student.layers is not None:
         if not recipe.student.layers:
             raise DistilError(f"{where}: student.layers: expected a non-empty list of layer indices, found []")
@@ -353,7 +360,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise DistilError(f"override {text!r}: expected key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw != "" else ""  # a SafeLoader
+    except _DuplicateKey as exc:
+        raise DistilError(f"override {text!r}: {key}.{exc.key}: expected each key once, found it twice") from None
+    except RecursionError:
+        raise DistilError(f"override {text!r}: the value is nested too deeply") from None
     except yaml.YAMLError as exc:
         raise DistilError(f"override {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
     return key.split("."), value
@@ -371,12 +382,53 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, first: Any, again: Any):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first.line + 1, again.line + 1
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader (same tags, same values), except that a mapping key written twice is an error:
+    plain safe_load silently keeps the last one, so `lr: 1e-4 ... lr: 3e-4` ran with whichever came second."""
+
+    def construct_document(self, node: Any) -> Any:
+        stack, seen = [(node, "")], set()
+        while stack:  # iterative, and each node once: aliases share nodes (no blow-up, no cycles)
+            item, path = stack.pop()
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            if isinstance(item, yaml.MappingNode):
+                first: dict = {}
+                for key_node, value_node in item.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: explicit keys may override
+                        stack.append((value_node, path))
+                        continue
+                    if not isinstance(key_node, yaml.ScalarNode):
+                        continue
+                    name = f"{path}.{key_node.value}" if path else str(key_node.value)
+                    ident = (key_node.tag, key_node.value)
+                    if ident in first:
+                        raise _DuplicateKey(name, first[ident], key_node.start_mark)
+                    first[ident] = key_node.start_mark
+                    stack.append((value_node, name))
+            elif isinstance(item, yaml.SequenceNode):
+                stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item.value))
+        return super().construct_document(node)
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DistilError(f"{path}: recipe file not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # safe: a SafeLoader
+    except _DuplicateKey as exc:
+        raise DistilError(f"{path}: {exc.key}: expected each key once, found it at line {exc.first} and again at "
+                          f"line {exc.again}") from None
+    except RecursionError:
+        raise DistilError(f"{path}: expected a recipe, found YAML nested too deeply to read") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from distil.errors import DistilError
 from distil.fused import Chunk, fused_linear_loss
-from distil.losses import IGNORE_INDEX, LossOutput, _gather_rows, _row_chunks, _scatter_rows
+from distil.losses import IGNORE_INDEX, LossOutput, _gather_rows, _row_chunks, _scatter_rows, denominator
 
 TailMode = Literal["renorm", "tail_term"]
 TAIL_MODES = ("renorm", "tail_term")
@@ -195,7 +195,7 @@ def _prepare(topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor, labe
     if n_tokens and int(topk_ids.max()) >= vocab:
         raise DistilError(f"{who}: a cached token id ({int(topk_ids.max())}) is outside the student's "
                           f"vocabulary ({vocab})")
-    denom = float(n_tokens if num_items is None else num_items)
+    denom = denominator(num_items, n_tokens)  # refuses num_items below this call's own count
     cfg = _Cfg(tail, alpha, temperature, max(denom, 1.0))
     ids = topk_ids.to(device=dev, dtype=torch.long)
     lq, ltail = _targets(topk_logprobs.to(dev), tail_logmass.to(dev), cfg, cache_temperature)
@@ -233,7 +233,8 @@ def sparse_kd_loss(
     chunks = _row_chunks(valid, viewable, chunk_size)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, kd, ce = _SparseDistillation.apply(student_logits, ids, lq, ltail, labels, chunks, cfg, need_grad)
-    return LossOutput(loss=loss, kd=kd.detach() / cfg.denom, ce=ce.detach() / cfg.denom, n_tokens=n_tokens)
+    return LossOutput(loss=loss, metrics={"kd": kd.detach() / cfg.denom, "ce": ce.detach() / cfg.denom},
+                      n_tokens=n_tokens)
 
 
 def fused_sparse_kd_loss(
@@ -277,4 +278,5 @@ def fused_sparse_kd_loss(
                              need_grad)
 
     loss, kd, ce = fused_linear_loss(hidden, lm_head_weight, lm_head_bias, flat, chunk_loss, chunk_size)
-    return LossOutput(loss=loss, kd=kd.detach() / cfg.denom, ce=ce.detach() / cfg.denom, n_tokens=n_tokens)
+    return LossOutput(loss=loss, metrics={"kd": kd.detach() / cfg.denom, "ce": ce.detach() / cfg.denom},
+                      n_tokens=n_tokens)

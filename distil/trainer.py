@@ -16,6 +16,7 @@ to turn that average back into the sum.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import math
 import time
@@ -28,6 +29,7 @@ import torch
 from distil.checkpoint import (CKPT_PREFIX, STATE_FILE, list_checkpoints, load_checkpoint,  # noqa: F401
                                resolve_resume, save_checkpoint, truncate_metrics)
 from distil.data import collate, micro_batch
+from distil.methods.contract import count_targets
 
 
 class TrainingDiverged(Exception):
@@ -43,6 +45,7 @@ class TrainResult:
     seconds: float
     last_loss: float
     checkpoint: str | None
+    model: Any = None  # the trained module, unwrapped (no DDP, no autocast wrapper)
 
 
 def lr_at(step: int, spec: Any) -> float:
@@ -57,24 +60,50 @@ def lr_at(step: int, spec: Any) -> float:
 
 def make_accelerator(precision: str = "auto") -> Any:
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
     if precision == "auto":
         mixed = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     else:
         mixed = "bf16" if precision == "bf16" else "no"
-    return Accelerator(cpu=not cuda, mixed_precision=mixed)
+    # Rank 0 alone evaluates and exports at the end while the others have left; between steps the ranks meet at
+    # barriers, so the process-group timeout only has to cover a checkpoint write or a cache shard.
+    return Accelerator(cpu=not cuda, mixed_precision=mixed,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=dt.timedelta(hours=2))])
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run_dir: str | Path, seed: int,
-          pad_id: int, resume: str | None = None, accelerator: Any = None, tag: str = "train") -> TrainResult:
-    """Train `model` in place with `loss_fn(model, batch, num_items) -> LossOutput`.
+def _reduce_sum(acc: Any, values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """Sum named scalars over processes (one collective for all of them; every rank has the same names)."""
+    names = sorted(values)
+    if world > 1 and names:
+        stacked = acc.reduce(torch.stack([values[n] for n in names]), reduction="sum")
+        return {n: float(v) for n, v in zip(names, stacked)}
+    return {n: float(values[n]) for n in names}
 
-    Writes `run_dir/metrics.jsonl` and `run_dir/checkpoints/`. Returns when `spec.steps` optimizer
-    steps are done. Raises TrainingDiverged on a non-finite loss (nothing is saved for that step).
+
+def _grads_finite(params: list[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
+def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run_dir: str | Path, seed: int,
+          pad_id: int, resume: str | None = None, accelerator: Any = None, tag: str = "train",
+          count: Callable[[dict], int] = count_targets,
+          before_step: Callable[[Any, list[dict], int], list[dict]] | None = None,
+          after_step: Callable[[Any, int], None] | None = None) -> TrainResult:
+    """Train `model` (a methods.contract.Trainable, or any module) in place with
+    `loss_fn(model, batch, num_items) -> LossOutput`.
+
+    Per step: the micro-batches of the data order, `before_step(model, batches, step)` (may replace them, e.g.
+    with the student's own samples), `num_items` = sum of `count(batch)` over the global batch, the loss and
+    backward per micro-batch, the finite checks, the optimizer step, then `after_step(model, step)`.
+    Writes `run_dir/metrics.jsonl` (one line per logged step: loss, every named metric, lr, grad_norm, tokens)
+    and `run_dir/checkpoints/`. Returns when `spec.steps` optimizer steps are done. Raises TrainingDiverged on a
+    non-finite loss or gradient (nothing is saved for that step).
     """
     run_dir = Path(run_dir)
     acc = accelerator or make_accelerator(spec.precision)
@@ -98,13 +127,21 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
     elif acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
-    model, opt = acc.prepare(model, opt)
+    prepared, opt = acc.prepare(model, opt)
     world, rank = acc.num_processes, acc.process_index
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=spec.steps, initial=start, disable=not (spec.progress and acc.is_main_process),
                desc=tag, dynamic_ncols=True, leave=False)
+
+    def diverged(step: int, what: str) -> TrainingDiverged:
+        bar.close()
+        where = f"; last good checkpoint: {last_ckpt} (resume with --resume)" if last_ckpt else \
+            "; no checkpoint was written yet (set train.save_every)"
+        return TrainingDiverged(f"training diverged at step {step + 1}: {what}{where}; "
+                                f"try a lower train.lr or train.max_grad_norm")
+
     t0, last_loss, tokens_window, window_t = time.perf_counter(), float("nan"), 0, time.perf_counter()
     for step in range(start, spec.steps):
         lr = lr_at(step, spec)
@@ -113,33 +150,36 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
         batches = [collate(micro_batch(examples, step * spec.grad_accum + m, spec.batch_size, seed, rank, world),
                            pad_id) for m in range(spec.grad_accum)]
         batches = [{k: v.to(acc.device) for k, v in b.items()} for b in batches]
-        # Target tokens of the global batch: labels shifted by one, -100 excluded.
-        local = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)), device=acc.device)
+        if before_step is not None:
+            batches = before_step(prepared, batches, step)
+        # Target items of the global batch (tokens: labels shifted by one, -100 excluded), after before_step.
+        local = torch.tensor(float(sum(count(b) for b in batches)), device=acc.device)
         num_items = float(acc.reduce(local, reduction="sum")) if world > 1 else float(local)
         step_loss = torch.zeros((), device=acc.device)
-        step_kd = torch.zeros((), device=acc.device)
-        step_ce = torch.zeros((), device=acc.device)
+        step_metrics: dict[str, torch.Tensor] = {}
         for m, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if m == len(batches) - 1 else acc.no_sync(model)
+            sync = contextlib.nullcontext() if m == len(batches) - 1 else acc.no_sync(prepared)
             with sync, acc.autocast():
-                out = loss_fn(model, batch, num_items)
+                out = loss_fn(prepared, batch, num_items)
                 acc.backward(out.loss * world)
             step_loss += out.loss.detach().float()
-            step_kd += out.kd.detach().float()
-            step_ce += out.ce.detach().float()
-        if world > 1:
-            step_loss, step_kd, step_ce = (acc.reduce(x, reduction="sum") for x in (step_loss, step_kd, step_ce))
-        loss_value = float(step_loss)
+            for name, value in out.metrics.items():
+                value = value.detach().float().to(acc.device)
+                step_metrics[name] = step_metrics[name] + value if name in step_metrics else value
+        totals = _reduce_sum(acc, {"loss": step_loss, **step_metrics}, world)
+        loss_value = totals.pop("loss")
         if not math.isfinite(loss_value):
-            bar.close()
-            where = f"; last good checkpoint: {last_ckpt} (resume with --resume)" if last_ckpt else \
-                "; no checkpoint was written yet (set train.save_every)"
-            raise TrainingDiverged(f"training diverged at step {step + 1}: loss is {loss_value}{where}; "
-                                   f"try a lower train.lr or train.max_grad_norm")
-        grad_norm = float(acc.clip_grad_norm_(model.parameters(), spec.max_grad_norm)) if spec.max_grad_norm \
-            else None  # clipping off: no norm computed (and NaN is not valid JSON in metrics.jsonl)
+            raise diverged(step, f"loss is {loss_value}")
+        grad_norm = float(acc.clip_grad_norm_(prepared.parameters(), spec.max_grad_norm)) if spec.max_grad_norm \
+            else None  # clipping off: not logged (and NaN is not valid JSON in metrics.jsonl)
+        # A finite loss can still have non-finite gradients (bf16 overflow in backward): never step on them, so
+        # that no checkpoint written after this point can hold poisoned weights.
+        if not (math.isfinite(grad_norm) if grad_norm is not None else _grads_finite(params)):
+            raise diverged(step, f"the loss is finite ({loss_value:.4g}) but the gradients are not")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(prepared, step)
         last_loss = loss_value
         tokens_seen += int(num_items)
         tokens_window += int(num_items)
@@ -147,20 +187,22 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
         now = time.perf_counter()
         tps = tokens_window / max(now - window_t, 1e-9)
         if acc.is_main_process and (done % spec.log_every == 0 or done == spec.steps):
-            row = {"step": done, "loss": loss_value, "kd": float(step_kd), "ce": float(step_ce), "lr": lr,
-                   "grad_norm": grad_norm, "tokens": tokens_seen, "tokens_per_s": round(tps, 1),
-                   "elapsed_s": round(now - t0, 3)}
+            row = {"step": done, "loss": loss_value, **totals, "lr": lr, "grad_norm": grad_norm,
+                   "tokens": tokens_seen, "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t0, 3)}
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             tokens_window, window_t = 0, now
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", **{k: f"{v:.4f}" for k, v in totals.items()}, tok_s=f"{tps:.0f}")
         bar.update(1)
         if (spec.save_every and done % spec.save_every == 0) or done == spec.steps:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                last_ckpt = str(save_checkpoint(ckpt_root, done, acc.unwrap_model(model), opt,
+                last_ckpt = str(save_checkpoint(ckpt_root, done, acc.unwrap_model(prepared), opt,
                                                 {"tokens": tokens_seen, "seed": seed}, spec.keep_last))
     bar.close()
     acc.wait_for_everyone()
+    # The trained module itself, without DDP and without accelerate's autocast wrapper on its forward: evaluation
+    # rows must all run at one precision (a wrapped student would run under bf16 autocast, its `before` copy not).
+    trained = acc.unwrap_model(prepared, keep_fp32_wrapper=False)
     return TrainResult(steps=spec.steps, tokens=tokens_seen, seconds=time.perf_counter() - t0, last_loss=last_loss,
-                       checkpoint=last_ckpt)
+                       checkpoint=last_ckpt, model=trained)

@@ -75,7 +75,7 @@ def test_bad_records_and_empty_data(make_recipe, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"prompt": "no response"}\n')
     assert main(["run", str(make_recipe(data={"source": str(bad), "eval_size": 0}))]) == 2
-    assert "record 1: expected a 'text' field" in capsys.readouterr().err
+    assert "record 1: expected 'prompt' and 'response' together" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert main(["run", str(make_recipe(data={"source": str(empty)}))]) == 2

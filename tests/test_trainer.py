@@ -9,7 +9,7 @@ import torch
 from distil.data import build_examples
 from distil.errors import DistilError
 from distil.losses import LossOutput
-from distil.methods import METHODS
+from distil.methods import build_hard_labels, build_offline
 from distil.models import freeze, load_model, student_from_teacher
 from distil.recipe import DistillSpec, TrainSpec
 from distil.trainer import TrainingDiverged, list_checkpoints, lr_at, train
@@ -51,7 +51,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_resume_continues_exactly(tmp_path, setup):
     t, examples = setup
-    fn = METHODS["offline"](t.model, DistillSpec(), len(t.tokenizer))
+    fn = build_offline(t.model, DistillSpec(), len(t.tokenizer))
     full = tmp_path / "full"
     train(_student(t), fn, examples, _spec(), run_dir=full, seed=0, pad_id=0)
 
@@ -75,7 +75,7 @@ def test_resume_continues_exactly(tmp_path, setup):
 
 def test_gradient_accumulation_does_not_change_the_update(tmp_path, setup):
     t, examples = setup
-    fn = METHODS["offline"](t.model, DistillSpec(alpha=0.5), len(t.tokenizer))
+    fn = build_offline(t.model, DistillSpec(alpha=0.5), len(t.tokenizer))
     a, b = _student(t), _student(t)
     train(a, fn, examples, _spec(steps=2, batch_size=4, grad_accum=1, save_every=0), run_dir=tmp_path / "a",
           seed=0, pad_id=0)
@@ -89,14 +89,14 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path, setup):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, setup):
     t, examples = setup
-    fn = METHODS["offline"](t.model, DistillSpec(), len(t.tokenizer))
+    fn = build_offline(t.model, DistillSpec(), len(t.tokenizer))
     calls = {"n": 0}
 
     def poisoned(model, batch, n):
         calls["n"] += 1
         out = fn(model, batch, n)
         if calls["n"] == 3:
-            return LossOutput(out.loss * float("nan"), out.kd, out.ce, out.n_tokens)
+            return LossOutput(out.loss * float("nan"), out.metrics, out.n_tokens)
         return out
 
     run = tmp_path / "nan"
@@ -108,7 +108,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, setup):
 
 def test_keep_last_and_no_temp_dirs_left(tmp_path, setup):
     t, examples = setup
-    fn = METHODS["hard_labels"](None, DistillSpec(), len(t.tokenizer))
+    fn = build_hard_labels(None, DistillSpec(), len(t.tokenizer))
     run = tmp_path / "k"
     train(_student(t), fn, examples, _spec(keep_last=2), run_dir=run, seed=0, pad_id=0)
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -117,7 +117,7 @@ def test_keep_last_and_no_temp_dirs_left(tmp_path, setup):
 
 def test_resume_from_missing_or_half_written_checkpoint(tmp_path, setup):
     t, examples = setup
-    fn = METHODS["hard_labels"](None, DistillSpec(), len(t.tokenizer))
+    fn = build_hard_labels(None, DistillSpec(), len(t.tokenizer))
     with pytest.raises(DistilError, match="no complete checkpoint"):
         train(_student(t), fn, examples, _spec(), run_dir=tmp_path / "none", seed=0, pad_id=0, resume="latest")
     with pytest.raises(DistilError, match="checkpoint directory not found"):
@@ -136,7 +136,7 @@ def test_resume_from_missing_or_half_written_checkpoint(tmp_path, setup):
 
 def test_metrics_are_strict_json_without_clipping(tmp_path, setup):
     t, examples = setup
-    fn = METHODS["hard_labels"](None, DistillSpec(), len(t.tokenizer))
+    fn = build_hard_labels(None, DistillSpec(), len(t.tokenizer))
     train(_student(t), fn, examples, _spec(steps=2, max_grad_norm=0.0, save_every=0), run_dir=tmp_path, seed=0,
           pad_id=0)
 

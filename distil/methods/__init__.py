@@ -1,21 +1,18 @@
-"""Methods: each one decides where the training targets come from and returns a loss function
-for THE training loop (`distil.trainer.train`). A method never owns a loop.
+"""The methods: each one is one file with one `Method` (distil/methods/contract.py), registered here by the
+name a recipe uses in `distil.method`. A recipe names a method, never an import path.
 
-A loss function has the signature `loss_fn(student, batch, num_items) -> LossOutput`, where
-`num_items` is the number of target tokens in the global batch (all accumulation micro-batches
-and all processes), so every method reduces its loss the same way.
+Adding a method: write `distil/methods/<name>.py` ending in `METHOD = Method(...)`, add one line below, add a
+recipe and tests (docs/design.md, "Adding a method in one file"). `pipeline.run` and the training loop do not
+change.
 """
 
-from distil.methods.cache import build_cache
-from distil.methods.offline import build_hard_labels, build_offline
+from distil.methods import cache, hard_labels, offline
+from distil.methods.contract import Context, Method, Phase, Stage, Trainable, count_targets, unwrap  # noqa: F401
 
-# Recipe `distill.method` name -> builder(teacher_model_or_None, distill_spec, vocab_size).
-# `cache` takes an opened `TeacherCache` (methods/cache.py: `ensure_cache`) in place of the teacher model.
-METHODS = {
-    "offline": build_offline,
-    "hard_labels": build_hard_labels,
-    "cache": build_cache,
-}
+# Recipe `distill.method` name -> Method.
+METHODS: dict[str, Method] = {m.name: m for m in (offline.METHOD, hard_labels.METHOD, cache.METHOD)}
 
-# Whether training needs the teacher model in memory. `cache` loads it only to build a missing cache.
-NEEDS_TEACHER = {"offline": True, "hard_labels": False, "cache": False}
+# The loss-function builders (builder(teacher_or_cache, distill_spec, vocab) -> loss_fn), for tests and benchmarks.
+from distil.methods.cache import build_cache  # noqa: E402,F401
+from distil.methods.hard_labels import build_hard_labels  # noqa: E402,F401
+from distil.methods.offline import build_offline  # noqa: E402,F401

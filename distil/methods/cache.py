@@ -8,12 +8,15 @@ resumable builds, identity checks) are in methods/cache_store.py.
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
 from distil.errors import DistilError
+from distil.heads import final_hidden, fused_head_problem, head_weights, shift
 from distil.losses import LossOutput
 from distil.methods.cache_store import (  # noqa: F401 (re-exported: the cache's public API lives here too)
     MANIFEST,
@@ -30,8 +33,31 @@ from distil.methods.cache_store import (  # noqa: F401 (re-exported: the cache's
     tokenizer_fingerprint,
 )
 from distil.methods.cache_store import _mismatch
-from distil.methods.offline import LossFn, _unwrap, final_hidden, fusable, shift
+from distil.methods.contract import Context, Method, Phase, Stage, Trainable, unwrap
+from distil.options import option
 from distil.sparse import fused_sparse_kd_loss, sparse_kd_loss
+
+LossFn = Callable[[Any, dict, float], LossOutput]
+
+
+@dataclass
+class CacheSpec:
+    """Teacher-logit cache (method `cache`, `distil cache`): the teacher's top-k per target token, on disk."""
+
+    dir: str = option("", "Cache directory; empty = <output.dir>/<name>-cache (beside the run directory, so that "
+                      "`distil run --overwrite` keeps it). A cache made for another teacher, tokenizer, data, k or "
+                      "temperature is refused, never reused.")
+    k: int = option(64, "Teacher token ids and log-probabilities kept per target token (260 bytes/token at k=64 "
+                    "with a vocabulary under 65,536).", gt=0)
+    tail: Literal["renorm", "tail_term"] = option(
+        "tail_term", "The teacher mass outside the top-k: renorm = renormalise the top-k into a distribution; "
+        "tail_term = add the term (1-P_T) log((1-P_T)/(1-P_S)) over the rest of the vocabulary.")
+    temperature: float = option(1.0, "Temperature of the stored log-probabilities. distill.temperature may differ "
+                                "with tail: renorm (exact re-tempering of the renormalised top-k), not with "
+                                "tail_term.", gt=0.0)
+    shard_tokens: int = option(65536, "Target tokens per shard file (whole examples per shard); an interrupted "
+                               "build resumes after the last complete shard.", gt=0)
+    batch_size: int = option(8, "Examples per teacher forward while building.", gt=0)
 
 
 def default_dir(recipe: Any) -> Path:
@@ -44,7 +70,9 @@ def default_dir(recipe: Any) -> Path:
 
 
 def _check_foreign(cdir: Path) -> None:
-    """Refuse to write into a directory that holds things other than a cache."""
+    """Refuse to write into a directory that holds things other than a cache (or into a file)."""
+    if cdir.exists() and not cdir.is_dir():
+        raise DistilError(f"{cdir}: cache.dir: expected a directory, found a file")
     if cdir.is_dir() and not (cdir / MANIFEST).exists():
         other = [p.name for p in cdir.iterdir() if not (p.name.startswith("shard-") or p.name.startswith(".tmp-"))]
         if other:
@@ -55,8 +83,9 @@ def _check_foreign(cdir: Path) -> None:
 def ensure_cache(recipe: Any, examples: list[dict], tokenizer: Any, *, teacher: Any = None, device: Any = "cpu",
                  echo: Callable = print, main: bool = True, wait: Callable | None = None,
                  on_shard: Callable[[int], None] | None = None, verify: bool = False) -> TeacherCache:
-    """Open the recipe's cache, building or finishing it first if needed (only then is the teacher loaded,
-    unless `teacher`, a `Loaded`, is given). A cache made for another teacher/tokenizer/data/k/T is refused."""
+    """Open the recipe's cache, building or finishing it first if needed (only then is the teacher loaded:
+    `teacher` is a `Loaded`, or a function returning one, or None to load it from the recipe). A cache made for
+    another teacher/tokenizer/data/k/T is refused."""
     cdir = default_dir(recipe)
     identity = cache_identity(recipe, examples, tokenizer)
     vocab = identity["tokenizer"]["vocab_size"]
@@ -71,9 +100,9 @@ def ensure_cache(recipe: Any, examples: list[dict], tokenizer: Any, *, teacher: 
         else:
             _check_foreign(cdir)
         if manifest is None or not manifest.get("complete"):
-            loaded = teacher
+            loaded = teacher() if callable(teacher) else teacher
             if loaded is None:
-                from distil.pipeline import load_teacher
+                from distil.models import load_teacher
 
                 loaded = load_teacher(recipe, device)
             tv = loaded.tokenizer
@@ -126,7 +155,7 @@ def data_tokenizer(recipe: Any) -> Any:
     if tok is None:
         tok = _own_tokenizer(recipe.teacher)
     if tok is None:
-        from distil.pipeline import load_teacher
+        from distil.models import load_teacher
 
         tok = load_teacher(recipe).tokenizer
     return tok
@@ -151,6 +180,10 @@ def with_index(examples: list[dict]) -> list[dict]:
 # The method
 
 
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
 def _shifted_logits(student: Any, batch: dict, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`shift(student(...).logits, labels)`, but with the head applied to positions 0..S-2 only when the model
     supports `logits_to_keep` (most HF causal LMs): the logits come out contiguous, so the loss walks them as
@@ -168,13 +201,16 @@ def _shifted_logits(student: Any, batch: dict, vocab: int) -> tuple[torch.Tensor
     return (logits if logits.shape[-1] == vocab else logits[..., :vocab]), batch["labels"][:, 1:]
 
 
-def build_cache(cache: TeacherCache, spec: Any, vocab: int) -> LossFn:
-    """Method `cache`: forward KL from the cached top-k (distil/sparse.py); no teacher in memory."""
+def build_cache(cache: TeacherCache, spec: Any, vocab: int, echo: Callable[[str], None] = _stderr) -> LossFn:
+    """The loss function of method `cache`: forward KL from the cached top-k (distil/sparse.py); no teacher in
+    memory. `spec` is the recipe's `distill` section. With `spec.fused`, the student's [tokens x V] logits never
+    exist when its head reproduces its logits (checked once, on the first batch; else one note and full logits)."""
     if not isinstance(cache, TeacherCache):
         raise DistilError("method 'cache': expected an opened teacher cache (see distil.methods.cache.ensure_cache)")
     if cache.vocab_size != vocab:
         raise DistilError(f"cache {cache.dir}: made for a {cache.vocab_size}-token vocabulary, the student's "
                           f"tokenizer has {vocab}")
+    fused = {"ok": None}
 
     def loss_fn(student: Any, batch: dict, num_items: float) -> LossOutput:
         if "index" not in batch:
@@ -187,14 +223,54 @@ def build_cache(cache: TeacherCache, spec: Any, vocab: int) -> LossFn:
                               f"{ids.shape[0]} rows for its examples (the data changed since the cache was made)")
         kw = dict(tail=cache.tail_mode, temperature=spec.temperature, cache_temperature=cache.temperature,
                   alpha=spec.alpha, num_items=num_items, chunk_size=spec.chunk_size)
-        if spec.fused and fusable(_unwrap(student)):
+        if fused["ok"] is None:
+            problem = fused_head_problem(unwrap(student), batch) if spec.fused else "fused: false"
+            if problem and spec.fused:
+                echo(f"note: distill.fused: the student's {problem}; computing the loss from full logits")
+            fused["ok"] = problem is None
+        if fused["ok"]:
             # the student's [tokens x V] logits never exist: its last hidden states go through the head chunk by
             # chunk inside the loss (distil/fused.py), with the same sparse per-chunk math
-            head = _unwrap(student).get_output_embeddings()
-            bias = head.bias[:vocab] if head.bias is not None else None
+            weight, bias = head_weights(unwrap(student), vocab)
             h = final_hidden(student, batch)[:, :-1]
-            return fused_sparse_kd_loss(h, head.weight[:vocab], ids, lp, tail, labels, lm_head_bias=bias, **kw)
+            return fused_sparse_kd_loss(h, weight, ids, lp, tail, labels, lm_head_bias=bias, **kw)
         s, labels = _shifted_logits(student, batch, vocab)
         return sparse_kd_loss(s, ids, lp, tail, labels, **kw)
 
     return loss_fn
+
+
+def check(recipe: Any, where: str) -> None:
+    """Cross-key checks of method `cache` (run by `distil validate` and every verb that reads a recipe)."""
+    if recipe.distill.loss != "forward_kl":
+        raise DistilError(f"{where}: distill.loss: method 'cache' trains with the sparse forward KL over the cached "
+                          f"top-k; expected 'forward_kl', found {recipe.distill.loss!r}")
+    if recipe.cache.tail == "tail_term" and recipe.distill.temperature != recipe.cache.temperature:
+        raise DistilError(f"{where}: cache.temperature: tail 'tail_term' needs the cached log-probs at the training "
+                          f"temperature (distill.temperature={recipe.distill.temperature:g}), found "
+                          f"{recipe.cache.temperature:g}; set them equal, or use cache.tail: renorm (re-tempered "
+                          f"exactly)")
+
+
+def prepare(ctx: Context) -> TeacherCache:
+    """Open the cache, building or finishing it first (the teacher is loaded only then)."""
+    return ensure_cache(ctx.recipe, ctx.train_examples, ctx.student.tokenizer, teacher=ctx.teacher,
+                        device=ctx.device, echo=ctx.echo, main=ctx.main, wait=ctx.wait)
+
+
+def stage(ctx: Context) -> Stage:
+    loss_fn = build_cache(ctx.artifact, ctx.recipe.distill, ctx.vocab, echo=ctx.echo)
+    return Stage(phases=[Phase(name="cache", module=Trainable(ctx.student.model), loss_fn=loss_fn,
+                               examples=with_index(ctx.train_examples))])
+
+
+METHOD = Method(
+    name="cache",
+    summary="the teacher's top-k log-probabilities, computed once and stored on disk, are the soft targets; "
+            "no teacher in memory while training (forward_kl only)",
+    teacher="prepare",
+    prepare=prepare,
+    build=stage,
+    options=CacheSpec,
+    check=check,
+)

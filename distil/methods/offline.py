@@ -1,60 +1,40 @@
-"""Offline (response-based) distillation: a frozen, pre-trained teacher's live logits on the
-training text are the soft targets (Hinton et al. 2015). `alpha` mixes in the hard labels.
+"""Offline (response-based) distillation: a frozen, pre-trained teacher's live logits on the training text are
+the soft targets (Hinton et al. 2015). `distill.alpha` mixes in the hard labels.
 
-"Offline" is the glossary's sense: the teacher is trained already and stays frozen while the
-student learns (as opposed to online distillation, where both train together). The teacher's
-forward runs on every step here; `distil cache` stores its top-k instead when that pays.
+"Offline" is the glossary's sense: the teacher is trained already and stays frozen while the student learns
+(as opposed to online distillation, where both train together). The teacher's forward runs on every step
+here; method `cache` stores its top-k instead when that pays.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import torch
 
-from distil.errors import DistilError
 from distil.fused import fused_distillation_loss, teacher_from_hidden
-from distil.losses import LossOutput, distillation_loss, hard_ce
+from distil.heads import final_hidden, fused_head_problem, head_weights, shift
+from distil.losses import LossOutput, distillation_loss
+from distil.methods.contract import Context, Method, Phase, Stage, Trainable, unwrap
 
 LossFn = Callable[[Any, dict, float], LossOutput]
 
 
-def shift(logits: torch.Tensor, labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal alignment: the logits at position t predict the token at t + 1.
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
 
-    Logits are also sliced to the tokenizer's vocabulary: embedding matrices padded beyond it
-    (e.g. to a multiple of 64) add rows that no token uses.
+
+def build_offline(teacher: Any, spec: Any, vocab: int, echo: Callable[[str], None] = _stderr) -> LossFn:
+    """The loss function of method `offline`: `spec` is the recipe's `distill` section.
+
+    With `spec.fused`, neither model's [tokens x vocab] logits ever exist: both are projected from hidden states
+    chunk by chunk inside the loss (distil/fused.py). Whether that reproduces each model's own logits is checked
+    once, on the first batch (heads.fused_head_problem); if not, the plain logits path runs, with one note.
     """
-    return logits[:, :-1, :vocab], labels[:, 1:]
+    fused = {"ok": None}  # decided on the first call, for the teacher and the student
 
-
-def fusable(model: Any) -> bool:
-    """The fused loss recomputes logits as hidden @ W.T (+ b): only valid when nothing else happens
-    between the final hidden state and the logits (no soft-capping, no logit scaling)."""
-    cfg = getattr(model, "config", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return (head is not None and isinstance(head, torch.nn.Linear)
-            and not getattr(cfg, "final_logit_softcapping", None)
-            and getattr(cfg, "logit_scale", None) in (None, 1.0))
-
-
-def final_hidden(model: Any, batch: dict) -> torch.Tensor:
-    """The last layer's (normed) hidden states [B, T, H], through the model's own forward (so DDP's
-    hooks still see it); `logits_to_keep=1` makes the model project only one position."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
-                logits_to_keep=1)
-    return out.hidden_states[-1]
-
-
-def _unwrap(model: Any) -> Any:
-    return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
-
-
-def build_offline(teacher: Any, spec: Any, vocab: int) -> LossFn:
-    if spec.fused and fusable(teacher):
-        return _build_offline_fused(teacher, spec, vocab)
-
-    def loss_fn(student: Any, batch: dict, num_items: float) -> LossOutput:
+    def plain(student: Any, batch: dict, num_items: float) -> LossOutput:
         with torch.no_grad():
             t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -64,43 +44,43 @@ def build_offline(teacher: Any, spec: Any, vocab: int) -> LossFn:
                                  beta=spec.beta, skew_alpha=spec.skew_alpha, num_items=num_items,
                                  chunk_size=spec.chunk_size)
 
-    return loss_fn
-
-
-def _build_offline_fused(teacher: Any, spec: Any, vocab: int) -> LossFn:
-    """Same loss as the plain path, but neither model's [tokens x vocab] logits ever exist: both
-    are projected from hidden states chunk by chunk inside the loss (distil/fused.py)."""
-    t_head = teacher.get_output_embeddings()
-
-    def loss_fn(student: Any, batch: dict, num_items: float) -> LossOutput:
-        head = _unwrap(student).get_output_embeddings()
-        if not fusable(_unwrap(student)):
-            raise DistilError("distill.fused: the student's output head is not a plain linear layer; "
-                              "set distill.fused: false")
+    def fused_loss(student: Any, batch: dict, num_items: float) -> LossOutput:
         with torch.no_grad():
             t_hidden = final_hidden(teacher, batch)[:, :-1]
         s_hidden = final_hidden(student, batch)[:, :-1]
         labels = batch["labels"][:, 1:]
-        bias = head.bias[:vocab] if head.bias is not None else None
-        t_bias = t_head.bias[:vocab] if t_head.bias is not None else None
-        teacher_rows = teacher_from_hidden(t_hidden, t_head.weight[:vocab], t_bias)
-        return fused_distillation_loss(s_hidden, head.weight[:vocab], labels, teacher_rows, lm_head_bias=bias,
-                                       kind=spec.loss, alpha=spec.alpha, temperature=spec.temperature,
-                                       beta=spec.beta, skew_alpha=spec.skew_alpha, num_items=num_items,
-                                       chunk_size=spec.chunk_size)
-
-    return loss_fn
-
-
-def build_hard_labels(teacher: Any, spec: Any, vocab: int) -> LossFn:
-    """Plain next-token cross-entropy on the data: the no-teacher control (alpha = 0)."""
+        weight, bias = head_weights(unwrap(student), vocab)
+        t_weight, t_bias = head_weights(teacher, vocab)
+        teacher_rows = teacher_from_hidden(t_hidden, t_weight, t_bias)
+        return fused_distillation_loss(s_hidden, weight, labels, teacher_rows, lm_head_bias=bias, kind=spec.loss,
+                                       alpha=spec.alpha, temperature=spec.temperature, beta=spec.beta,
+                                       skew_alpha=spec.skew_alpha, num_items=num_items, chunk_size=spec.chunk_size)
 
     def loss_fn(student: Any, batch: dict, num_items: float) -> LossOutput:
-        s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        s, labels = shift(s_logits, batch["labels"], vocab)
-        ce = hard_ce(s.reshape(-1, s.shape[-1]), labels.reshape(-1))  # [N], 0 on masked tokens
-        n_valid = int((labels != -100).sum())
-        loss = ce.sum() / max(float(num_items), 1.0)
-        return LossOutput(loss=loss, kd=torch.zeros(()), ce=loss.detach(), n_tokens=n_valid)
+        if fused["ok"] is None:
+            fused["ok"] = False
+            if spec.fused:
+                for who, model in (("teacher", teacher), ("student", unwrap(student))):
+                    problem = fused_head_problem(model, batch)
+                    if problem:
+                        echo(f"note: distill.fused: the {who}'s {problem}; computing the loss from full logits")
+                        break
+                else:
+                    fused["ok"] = True
+        return (fused_loss if fused["ok"] else plain)(student, batch, num_items)
 
     return loss_fn
+
+
+def stage(ctx: Context) -> Stage:
+    module = Trainable(ctx.student.model)
+    loss_fn = build_offline(ctx.teacher().model, ctx.recipe.distill, ctx.vocab, echo=ctx.echo)
+    return Stage(phases=[Phase(name="offline", module=module, loss_fn=loss_fn, examples=ctx.train_examples)])
+
+
+METHOD = Method(
+    name="offline",
+    summary="a frozen teacher's live logits on the training text are the soft targets (response-based KD)",
+    teacher="train",
+    build=stage,
+)
