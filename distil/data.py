@@ -1,6 +1,6 @@
 """Training data: read records, tokenize them into examples with loss masks, batch them.
 
-Records come in three shapes, detected from the first record:
+Records come in three shapes, detected from the first record (every record must have the same one):
   - `{"text": ...}`: plain text; every token is a target; packed into fixed-length blocks
     (documents joined with EOS) when `data.pack` is on;
   - `{"prompt": ..., "response": ...}`: only the response tokens are targets;
@@ -8,11 +8,33 @@ Records come in three shapes, detected from the first record:
     assistant turns are targets.
 An example is `{"input_ids": [...], "labels": [...]}` with labels aligned to input_ids (the causal
 shift happens in the loss) and -100 on every token that is not a target.
+
+Decisions (each guarded by a test in tests/test_data*.py):
+  - BOS. When the tokenizer adds a BOS by itself (`tok("a")` starts with it: Llama, Gemma; not
+    SmolLM2), every example starts with exactly one BOS: packed blocks cut mid-document get one
+    inserted (block = [BOS] + the next seq_len-1 tokens of the stream, nothing lost or repeated),
+    and a chat template that already renders BOS is not given a second. Models such as Gemma-3
+    only work with BOS at position 0 (ppl 33 with it, 1,826 without), so a block without it would
+    give garbage soft targets silently. A BOS is never a target (label -100): it is structure the
+    tokenizer adds, not text the model should learn to write. Tokenizers that add no BOS produce
+    the same examples as before.
+  - Chat roles: system, developer (OpenAI's newer name for system), user, assistant, tool and
+    ipython (Llama 3's tool-output role). Any other role is refused rather than rendered by a
+    template that may silently drop or mislabel it; only assistant turns are targets.
+  - Assistant masks come from the template itself. With `{% generation %}` markers the template's
+    own assistant mask is used (cross-checked against the turn boundaries where those can be
+    verified). Otherwise the turn boundaries come from partial renders (the conversation up to a
+    turn with the generation prompt, and up to the end of that turn), and each partial render
+    must be a token prefix of the full conversation: templates that render earlier turns
+    differently (Qwen3 strips earlier turns' <think> reasoning) would otherwise put user tokens
+    among the targets, so such records are refused with one line instead.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,6 +44,7 @@ from distil.errors import DistilError
 
 IGNORE = -100
 READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 
 
 def builtin_pydoc() -> list[dict]:
@@ -32,6 +55,27 @@ def builtin_pydoc() -> list[dict]:
 
 
 BUILTIN = {"pydoc": builtin_pydoc}
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (the user gets one line, never a dump)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause: `datasets` wraps the reader's real error in a generic one."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def read_records(source: str, max_records: int | None = None) -> list[dict]:
@@ -51,23 +95,73 @@ def read_records(source: str, max_records: int | None = None) -> list[dict]:
     return records
 
 
-def _read_path(path: Path) -> list[dict]:
-    import datasets
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DistilError(f"{path}: expected UTF-8 text, found undecodable bytes at byte {exc.start}") from None
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+
+def _read_json(path: Path) -> list[dict]:
+    """JSON lines (.jsonl), or a JSON array of objects (.json, which may also hold JSON lines).
+
+    Read with the standard library rather than `datasets` so a bad line is reported by its number,
+    and records keep exactly the keys they were written with.
+    """
+    text = _read_text(path)
+    if not text.strip():
+        raise DistilError(f"{path}: the dataset is empty (only whitespace)")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if text.lstrip()[:1] == "[":
+                raise DistilError(f"{path}: line {exc.lineno}: could not parse as json ({exc.msg} at column "
+                                  f"{exc.colno})") from None
+            data = None  # several values: JSON lines in a .json file, as `datasets` accepts
+        if isinstance(data, dict):
+            data = [data]  # a single object is one record (as `datasets` reads it)
+        if isinstance(data, list):
+            for i, r in enumerate(data):
+                if not isinstance(r, dict):
+                    raise DistilError(f"{path}: record {i}: expected a JSON object, found {_json_type(r)}")
+            return data
+        if data is not None:
+            raise DistilError(f"{path}: expected a JSON array of record objects, found {_json_type(data)}")
+    records = []
+    # Split on "\n" only: str.splitlines also breaks at U+2028 and friends, which JSON strings may hold raw.
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DistilError(f"{path}: line {n}: could not parse as json ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(r, dict):
+            raise DistilError(f"{path}: line {n}: expected a JSON object (one record per line), found {_json_type(r)}")
+        records.append(r)
+    return records
+
+
+def _read_path(path: Path) -> list[dict]:
     if path.is_dir():
         if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
                 or (path / "state.json").exists()):
             raise DistilError(f"{path}: expected a data file or a directory saved with datasets' save_to_disk, "
                               f"found a directory without dataset_info.json")
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
         try:
             ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            # Arrow files are memory-mapped: a corrupt one fails while rows are read, so read them here.
+            return [dict(r) for r in ds]
         except Exception as exc:
-            raise DistilError(f"{path}: could not read the saved dataset ({type(exc).__name__})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        return [dict(r) for r in ds]
+            raise DistilError(f"{path}: could not read the saved dataset ({type(exc).__name__}: "
+                              f"{_one_line(exc)})") from None
     if not path.is_file():
         raise DistilError(f"{path}: data file not found")
     kind = READERS.get(path.suffix.lower())
@@ -76,31 +170,57 @@ def _read_path(path: Path) -> list[dict]:
                           + ", ".join(READERS))
     if path.stat().st_size == 0:
         raise DistilError(f"{path}: the dataset is empty (0 bytes)")
+    if kind == "json":
+        return _read_json(path)
+    if kind == "text":
+        # One document per blank-line-separated paragraph group keeps prose together.
+        return [{"text": t.strip()} for t in _read_text(path).split("\n\n") if t.strip()]
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    level = datasets.logging.get_verbosity()
+    # datasets logs its own multi-line error before raising; the user gets our one line instead.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        if kind == "text":
-            # One document per blank-line-separated paragraph group keeps prose together.
-            text = path.read_text(encoding="utf-8")
-            return [{"text": t.strip()} for t in text.split("\n\n") if t.strip()]
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except DistilError:
-        raise
-    except UnicodeDecodeError:
-        raise DistilError(f"{path}: expected UTF-8 text, found undecodable bytes") from None
+        return [dict(r) for r in ds]
     except Exception as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise DistilError(f"{path}: could not parse as {kind} ({first})") from None
-    return [dict(r) for r in ds]
+        cause = _root_cause(exc)
+        if isinstance(cause, UnicodeDecodeError):
+            raise DistilError(f"{path}: expected UTF-8 text, found undecodable bytes at byte {cause.start}") from None
+        raise DistilError(f"{path}: could not parse as {kind} ({_one_line(cause)})") from None
+    finally:
+        datasets.logging.set_verbosity(level)
 
 
 def record_kind(record: Any, where: str) -> str:
     if not isinstance(record, dict):
         raise DistilError(f"{where}: expected a mapping with 'text', or 'prompt' and 'response', or 'messages', "
                           f"found {type(record).__name__}")
-    if isinstance(record.get("messages"), list):
+    # A field of the wrong type is refused, unless a 'text' string makes it a text record with extra columns.
+    has_text = isinstance(record.get("text"), str)
+    messages = record.get("messages")
+    if isinstance(messages, list):
         return "messages"
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
-        return "prompt_response"
-    if isinstance(record.get("text"), str):
+    if messages is not None and not has_text:
+        raise DistilError(f"{where}: 'messages': expected a list of {{'role', 'content'}} objects, found "
+                          f"{_json_type(messages)}")
+    prompt, response = record.get("prompt"), record.get("response")
+    if prompt is not None or response is not None:
+        if isinstance(prompt, str) and isinstance(response, str):
+            return "prompt_response"
+        if not has_text:
+            for key, value in (("prompt", prompt), ("response", response)):
+                if value is None:
+                    other = "response" if key == "prompt" else "prompt"
+                    raise DistilError(f"{where}: expected 'prompt' and 'response' together, found '{other}' "
+                                      f"without '{key}'")
+                if not isinstance(value, str):
+                    raise DistilError(f"{where}: '{key}': expected a string, found {_json_type(value)}")
+    if record.get("text") is not None:
+        if not isinstance(record["text"], str):
+            raise DistilError(f"{where}: 'text': expected a string, found {_json_type(record['text'])}")
         return "text"
     keys = sorted(k for k, v in record.items() if v is not None)
     raise DistilError(f"{where}: expected a 'text' field, or 'prompt' and 'response', or 'messages' "
@@ -124,11 +244,120 @@ def _bos(tok: Any) -> list[int]:
     return [tok.bos_token_id] if tok.bos_token_id is not None and ids and ids[0] == tok.bos_token_id else []
 
 
-def _chat_ids(tok: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
+def ensure_bos(tok: Any, ids: list[int]) -> list[int]:
+    """`ids` starting with exactly the BOS the tokenizer would add (none when it adds none).
+
+    For any sequence handed to a model whose tokenizer adds BOS (packed blocks, chat renders,
+    generated records): such models are trained with BOS at position 0 and degrade badly without
+    it. A sequence that already starts with BOS is returned unchanged, so BOS is never doubled.
+    """
+    bos = _bos(tok)
+    ids = list(ids)
+    return ids if not bos or ids[:1] == bos else bos + ids
+
+
+def _check_messages(messages: list, where: str) -> None:
+    if not messages:
+        raise DistilError(f"{where}: 'messages': expected a non-empty list of {{'role', 'content'}} objects, "
+                          f"found an empty list")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DistilError(f"{where}: messages[{j}]: expected an object with 'role' and 'content', "
+                              f"found {_json_type(m)}")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str):
+            raise DistilError(f"{where}: messages[{j}].role: expected a string, found {_json_type(role)}")
+        if role not in ROLES:
+            raise DistilError(f"{where}: messages[{j}].role: expected one of "
+                              + ", ".join(repr(r) for r in ROLES) + f", found {role[:40]!r}")
+        if not isinstance(content, str):
+            raise DistilError(f"{where}: messages[{j}].content: expected a string, found {_json_type(content)}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DistilError(f"{where}: the conversation has no assistant turn to learn from")
+
+
+def _render(tok: Any, messages: list[dict], where: str, add_generation_prompt: bool = False,
+            assistant_mask: bool = False) -> dict:
+    """The chat template's tokens (and its `{% generation %}` mask when asked); a template that
+    refuses the conversation (e.g. roles that do not alternate) is bad input, not a crash."""
+    try:
+        out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                      return_dict=True, return_assistant_tokens_mask=assistant_mask)
+    except Exception as exc:
+        raise DistilError(f"{where}: the chat template could not render the conversation "
+                          f"({type(exc).__name__}: {_one_line(exc)})") from None
+    if not hasattr(out, "keys"):  # older transformers return the ids alone
+        out = {"input_ids": out}
+    return {k: list(v) for k, v in out.items() if k in ("input_ids", "assistant_masks")}
+
+
+def _has_generation_markers(tok: Any) -> bool:
+    template = getattr(tok, "chat_template", None)
+    return isinstance(template, str) and re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def _turn_spans(tok: Any, messages: list[dict], ids: list[int], where: str) -> list[tuple[int, int]] | int:
+    """[start, end) token spans of the assistant turns in the full render `ids`, from partial renders:
+    the conversation before turn i with the generation prompt (where the assistant starts) and up to
+    turn i (where it ends). Returns the index of the first turn whose partial renders are not token
+    prefixes of the full render: there the template renders history differently and the tokens
+    between the two lengths are not that turn's."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = _render(tok, messages[:i], where, add_generation_prompt=True)["input_ids"] if i else []
+        upto = _render(tok, messages[: i + 1], where)["input_ids"]
+        if not (ids[: len(head)] == head and ids[: len(upto)] == upto and len(head) <= len(upto)):
+            return i
+        spans.append((len(head), len(upto)))
+    return spans
+
+
+def _chat_example(tok: Any, messages: list[dict], where: str, fallback: str, turn_names: bool = True) -> dict:
+    """Tokens of a rendered conversation; the labels keep exactly the assistant tokens.
+
+    `fallback` is the way around a template whose assistant tokens cannot be located (for the
+    one-line refusal); `turn_names` says whether the messages are the user's (to name them)."""
+    ids = _render(tok, messages, where)["input_ids"]
+    spans = _turn_spans(tok, messages, ids, where)
+    # The template's mask maps characters to tokens through offsets, which only fast tokenizers have.
+    if _has_generation_markers(tok) and getattr(tok, "is_fast", False):
+        out = _render(tok, messages, where, assistant_mask=True)
+        mask = out.get("assistant_masks")
+        if out["input_ids"] != ids or mask is None or len(mask) != len(ids):
+            raise DistilError(f"{where}: the chat template's {{% generation %}} mask does not line up with its "
+                              f"tokens; {fallback}")
+        marked = [k for k, v in enumerate(mask) if v]
+        turns = [(i, m) for i, m in enumerate(messages) if m["role"] == "assistant"]
+        # Cross-check the template's markers against the turn boundaries the partial renders give:
+        # where every turn's boundaries are verifiable, marked tokens only inside assistant turns and
+        # some in every non-empty one; otherwise at least nothing marked before the first assistant turn.
+        bad = not marked
+        if not bad and isinstance(spans, list):
+            inside = {k for s, e in spans for k in range(s, e)}
+            bad = any(k not in inside for k in marked) or any(
+                m["content"] and not any(mask[s:e]) for (_, m), (s, e) in zip(turns, spans))
+        elif not bad and turns[0][0] > 0:
+            head = _render(tok, messages[: turns[0][0]], where, add_generation_prompt=True)["input_ids"]
+            bad = ids[: len(head)] == head and marked[0] < len(head)
+        if bad:
+            raise DistilError(f"{where}: the chat template's {{% generation %}} markers disagree with its assistant "
+                              f"turns (they mark other tokens or leave a turn unmarked); fix the markers, or "
+                              f"{fallback}")
+        labels = [t if v else IGNORE for t, v in zip(ids, mask)]
+    else:
+        if isinstance(spans, int):
+            turn = f"messages[{spans}]: " if turn_names else ""
+            raise DistilError(f"{where}: {turn}the chat template renders the conversation up to this turn differently "
+                              f"from the whole conversation (not a token prefix of it), so the assistant tokens "
+                              f"cannot be located; give the tokenizer a chat template "
+                              f"with {{% generation %}} markers around assistant turns, or {fallback}")
+        labels = [IGNORE] * len(ids)
+        for s, e in spans:
+            labels[s:e] = ids[s:e]
+    full = ensure_bos(tok, ids)  # many templates render BOS themselves; add it only where one did not
+    return {"input_ids": full, "labels": [IGNORE] * (len(full) - len(ids)) + labels}
 
 
 def encode_supervised(tok: Any, record: dict, kind: str, use_template: bool, where: str) -> dict:
@@ -136,51 +365,56 @@ def encode_supervised(tok: Any, record: dict, kind: str, use_template: bool, whe
     has_template = bool(getattr(tok, "chat_template", None)) and use_template
     if kind == "prompt_response":
         if has_template:
-            msgs = [{"role": "user", "content": record["prompt"]}]
-            prompt = _chat_ids(tok, msgs, add_generation_prompt=True)
-            full = _chat_ids(tok, msgs + [{"role": "assistant", "content": record["response"]}])
-            if full[: len(prompt)] != prompt:
-                raise DistilError(f"{where}: the chat template does not render the prompt as a prefix of the "
-                                  f"conversation; set data.chat_template: false")
-            return {"input_ids": full, "labels": [IGNORE] * len(prompt) + full[len(prompt):]}
+            msgs = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+            return _chat_example(tok, msgs, where, "set data.chat_template: false", turn_names=False)
         prompt = _bos(tok) + _encode(tok, record["prompt"])
         response = _encode(tok, record["response"]) + [_eos(tok)]
         return {"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response}
     messages = record["messages"]
-    for j, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise DistilError(f"{where}: messages[{j}]: expected {{'role': str, 'content': str}}, found {m!r}"[:300])
+    _check_messages(messages, where)
     if not has_template:
         raise DistilError(f"{where}: 'messages' records need a tokenizer with a chat template, found none")
-    ids = _chat_ids(tok, messages)
-    labels = [IGNORE] * len(ids)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        # Render the conversation up to this turn twice: with the generation prompt (where the
-        # assistant starts) and with the turn itself (where it ends); the tokens between are targets.
-        start = len(_chat_ids(tok, messages[:i], add_generation_prompt=True))
-        end = len(_chat_ids(tok, messages[: i + 1]))
-        labels[start:end] = ids[start:end]
-    if all(v == IGNORE for v in labels):
-        raise DistilError(f"{where}: the conversation has no assistant turn to learn from")
-    return {"input_ids": ids, "labels": labels}
+    return _chat_example(tok, messages, where, "write the data as prompt/response records (one per assistant turn)")
 
 
 def pack_text(tok: Any, texts: Iterable[str], seq_len: int, pack: bool) -> list[dict]:
-    """Plain text: documents joined with EOS and cut into blocks of exactly seq_len tokens."""
-    eos = _eos(tok)
+    """Plain text: documents joined with EOS and cut into blocks of exactly seq_len tokens.
+
+    With a tokenizer that adds BOS, each document starts with BOS in the stream and every block
+    starts with BOS too: a block that begins at a document start uses that document's BOS, any
+    other block gets one inserted in front of the next seq_len-1 stream tokens, so no stream token
+    is dropped or repeated. BOS positions are never targets.
+    """
+    if seq_len < 2:
+        raise DistilError(f"data.seq_len: expected at least 2 tokens (an input and its next token), found {seq_len}")
+    eos, bos = _eos(tok), _bos(tok)
+    docs = [_encode(tok, t) + [eos] for t in texts]
     if not pack:
         out = []
-        for t in texts:
-            ids = (_bos(tok) + _encode(tok, t) + [eos])[:seq_len]
-            out.append({"input_ids": ids, "labels": list(ids)})
+        for d in docs:
+            ids = (bos + d)[:seq_len]
+            out.append({"input_ids": ids, "labels": [IGNORE] * len(bos) + ids[len(bos):]})
         return out
     stream: list[int] = []
-    for t in texts:
-        stream.extend(_bos(tok) + _encode(tok, t) + [eos])
-    blocks = [stream[i: i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
-    return [{"input_ids": b, "labels": list(b)} for b in blocks]
+    starts: set[int] = set()  # stream positions of the documents' BOS tokens
+    for d in docs:
+        if bos:
+            starts.add(len(stream))
+        stream.extend(bos + d)
+    if not bos:
+        blocks = [stream[i: i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+        return [{"input_ids": b, "labels": list(b)} for b in blocks]
+    out, pos = [], 0
+    while True:
+        head = [] if pos in starts else bos
+        end = pos + seq_len - len(head)
+        if end > len(stream):
+            break  # the remainder, shorter than a block, is dropped (as without BOS)
+        ids = head + stream[pos:end]
+        labels = [IGNORE if k == 0 or pos - len(head) + k in starts else t for k, t in enumerate(ids)]
+        out.append({"input_ids": ids, "labels": labels})
+        pos = end
+    return out
 
 
 def build_examples(records: list[dict], tok: Any, seq_len: int, pack: bool = True, chat_template: bool = True,
@@ -199,9 +433,12 @@ def build_examples(records: list[dict], tok: Any, seq_len: int, pack: bool = Tru
             ex = {k: v[:seq_len] for k, v in ex.items()}
             if any(v != IGNORE for v in ex["labels"][1:]):
                 examples.append(ex)
+    if not examples and kind == "text":
+        raise DistilError(f"{source}: no training examples after tokenization: the whole corpus is shorter than "
+                          f"one block of data.seq_len={seq_len} tokens")
     if not examples:
-        raise DistilError(f"{source}: no training examples after tokenization (is data.seq_len={seq_len} "
-                          f"longer than the whole corpus, or is every response truncated away?)")
+        raise DistilError(f"{source}: no training examples after tokenization: the prompt fills data.seq_len="
+                          f"{seq_len} tokens in every record ({len(records)}), so every response is truncated away")
     return examples
 
 
