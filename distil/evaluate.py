@@ -1,21 +1,58 @@
-"""`distil eval`: evaluate a finished run (or a recipe's initial student) against its teacher."""
+"""`distil eval`: evaluate a finished run (or a recipe's initial student) against its teacher.
+
+Evaluating a run adds to or refreshes its record, never drops rows: the rows it can recompute (the teacher,
+the initial student, the trained student/, the hard-label control from its last checkpoint) replace the
+same-named rows of the run's eval.json; rows it cannot recompute are kept as the run recorded them.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 from distil import data as data_mod
+from distil.checkpoint import list_checkpoints
 from distil.errors import DistilError
 from distil.eval.metrics import evaluate, format_table
-from distil.models import check_same_vocab, count_params, load_model
-from distil.models import load_student, load_teacher
-from distil.pipeline import write_report
+from distil.methods.contract import Trainable
+from distil.models import check_same_vocab, count_params, load_model, load_student, load_teacher
+from distil.pipeline import CONTROL, write_report
 from distil.recipe import load_recipe
 
 
+def _control(run_dir: Path, initial: object) -> object | None:
+    """The hard-label control of a run, from its newest checkpoint (it is not saved as a model directory)."""
+    found = list_checkpoints(run_dir / "hard_labels" / "checkpoints")
+    if not found:
+        return None
+    from safetensors.torch import load_model as load_weights
+
+    module = Trainable(copy.deepcopy(initial))
+    try:
+        load_weights(module, str(found[-1] / "model.safetensors"))
+    except Exception as exc:
+        raise DistilError(f"{found[-1]}: the hard-label control's checkpoint is unreadable "
+                          f"({type(exc).__name__})") from None
+    return module.student.eval()
+
+
+def _previous(run_dir: Path) -> dict:
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise DistilError(f"{path}: expected the run's evaluation record (JSON), found something else; move it "
+                          f"away to evaluate afresh") from None
+    return record if isinstance(record, dict) else {}
+
+
 def evaluate_target(target: str, overrides: list[str], student_dir: str | None = None) -> str:
-    """A run directory: teacher, the initial student and the trained student/ on the recipe's
-    held-out split. A recipe file: teacher and the initial student only. Returns the table."""
+    """A run directory: teacher, the initial student, the trained student/ and the control on the recipe's
+    held-out split, merged into the run's record. A recipe file: teacher and the initial student only.
+    Returns the table."""
     path = Path(target)
     run_dir = path if (path / "recipe.yaml").is_file() else None
     if run_dir is None and not path.is_file():
@@ -33,12 +70,21 @@ def evaluate_target(target: str, overrides: list[str], student_dir: str | None =
         trained = load_model(str(trained_dir), teacher=teacher, role="student")
         check_same_vocab(teacher, trained)
         rows[f"student ({recipe.distill.method})"] = trained.model
+    if run_dir is not None:
+        control = _control(run_dir, initial.model)
+        if control is not None:
+            rows[CONTROL] = control
     vocab = check_same_vocab(teacher, initial)
     _, eval_ex = data_mod.load_examples(recipe.data, teacher.tokenizer, recipe.seed)
     results = evaluate(teacher.model, rows, eval_ex, batch_size=recipe.eval.batch_size,
                        pad_id=data_mod.pad_id(teacher.tokenizer), vocab=vocab, chunk_size=recipe.distill.chunk_size)
     params = {name: count_params(m) for name, m in rows.items()}
     params["teacher"] = count_params(teacher.model)
+    if run_dir is not None:
+        before = _previous(run_dir)
+        old_results, old_params = before.get("results") or {}, before.get("params") or {}
+        results = {**old_results, **results}  # recorded rows keep their place; recomputed ones are refreshed
+        params = {**old_params, **params}
     table = format_table(results, params)
     if run_dir is not None:
         write_report(run_dir, recipe, results, params, table)

@@ -29,7 +29,7 @@ from distil.methods.hard_labels import build_hard_labels
 from distil.models import (Loaded, check_same_vocab, count_params, load_student,  # noqa: F401 (re-exported)
                            load_teacher)
 from distil.recipe import Recipe, dump_recipe, recipe_to_dict
-from distil.checkpoint import list_checkpoints
+from distil.checkpoint import list_checkpoints, resolve_resume
 from distil.trainer import make_accelerator, train
 
 CONTROL = "student (hard_labels)"
@@ -60,7 +60,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def _check_resume(recipe: Recipe, run_dir: Path) -> None:
+def _check_resume(recipe: Recipe, run_dir: Path, resume: str) -> None:
     """A resumed run must be the same run: refuse a changed recipe (naming the first changed key) before anything
     is written, and a run that never started."""
     saved = run_dir / "recipe.yaml"
@@ -71,6 +71,10 @@ def _check_resume(recipe: Recipe, run_dir: Path) -> None:
         before = yaml.safe_load(saved.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError):
         raise DistilError(f"{saved}: --resume: the run's recipe.yaml is not valid YAML") from None
+    if resume != "latest":  # an explicit checkpoint: complete, and one of this run's own
+        path = resolve_resume(resume, Path(resume).parent)
+        if run_dir.resolve() not in path.resolve().parents:
+            raise DistilError(f"{path}: --resume: expected a checkpoint of the run {run_dir}, found one elsewhere")
     old, new = _flatten(before if isinstance(before, dict) else {}), _flatten(recipe_to_dict(recipe))
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES):
@@ -93,7 +97,7 @@ def check_run_dir(recipe: Recipe, resume: str | None, overwrite: bool) -> Path:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise DistilError(f"{out}: output.dir: {ancestor} is not writable")
     if resume:
-        _check_resume(recipe, run_dir)
+        _check_resume(recipe, run_dir, resume)
     elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise DistilError(f"{run_dir}: the run directory already exists; pass --resume to continue it, "
                           f"--overwrite to replace it, or name=... for a new run")

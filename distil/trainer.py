@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-from distil.checkpoint import (CKPT_PREFIX, STATE_FILE, list_checkpoints, load_checkpoint,  # noqa: F401
-                               resolve_resume, save_checkpoint, truncate_metrics)
+from distil.checkpoint import (CKPT_PREFIX, STATE_FILE, gather_rng, list_checkpoints,  # noqa: F401
+                               load_checkpoint, resolve_resume, retire_newer, save_checkpoint, truncate_metrics)
 from distil.data import collate, micro_batch
 from distil.methods.contract import count_targets
 
@@ -109,7 +109,7 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
     acc = accelerator or make_accelerator(spec.precision)
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + acc.process_index)  # one dropout stream per process (rank 0: the seed itself)
     ckpt_root = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
 
@@ -120,9 +120,13 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
     start, tokens_seen, last_ckpt = 0, 0, None
     if resume:
         path = resolve_resume(resume, ckpt_root)
-        state = load_checkpoint(path, model, opt)
+        state = load_checkpoint(path, model, opt, rank=acc.process_index)  # weights, moments, this rank's RNG
         start, tokens_seen, last_ckpt = state["step"], state.get("tokens", 0), str(path)
+        acc.wait_for_everyone()
         if acc.is_main_process:
+            # resuming from an older checkpoint: the newer ones are moved to checkpoints/superseded/ (kept, never
+            # listed), so that `--resume` and keep_last see this run's own history only
+            retire_newer(ckpt_root, start)
             truncate_metrics(metrics_path, start)
     elif acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -196,9 +200,11 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
         bar.update(1)
         if (spec.save_every and done % spec.save_every == 0) or done == spec.steps:
             acc.wait_for_everyone()
+            rng = gather_rng(acc)  # collective: every process's RNG states, saved per rank
             if acc.is_main_process:
                 last_ckpt = str(save_checkpoint(ckpt_root, done, acc.unwrap_model(prepared), opt,
-                                                {"tokens": tokens_seen, "seed": seed}, spec.keep_last))
+                                                {"tokens": tokens_seen, "seed": seed}, spec.keep_last,
+                                                rng_states=rng))
     bar.close()
     acc.wait_for_everyone()
     # The trained module itself, without DDP and without accelerate's autocast wrapper on its forward: evaluation

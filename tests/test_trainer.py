@@ -145,3 +145,85 @@ def test_metrics_are_strict_json_without_clipping(tmp_path, setup):
 
     rows = [json.loads(ln, parse_constant=refuse) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["grad_norm"] for r in rows] == [None, None]
+
+
+def _dropout_student(t, p=0.3):
+    s = _student(t)
+    for layer in s.model.layers:
+        layer.self_attn.attention_dropout = p  # dropout draws from the torch RNG on every training step
+    return s
+
+
+def test_resume_restores_the_rng_so_dropout_continues_exactly(tmp_path, setup):
+    """With dropout, the losses after a resume match only if the RNG state is restored from the checkpoint
+    (the data order has its own generator, so without dropout a lost RNG state would go unnoticed)."""
+    t, examples = setup
+    fn = build_hard_labels(vocab=len(t.tokenizer))
+    full = tmp_path / "full"
+    train(_dropout_student(t), fn, examples, _spec(), run_dir=full, seed=0, pad_id=0)
+    no_dropout = tmp_path / "nodrop"
+    train(_student(t), fn, examples, _spec(), run_dir=no_dropout, seed=0, pad_id=0)
+    assert _losses(full)[1:] != _losses(no_dropout)[1:]  # the dropout really draws random numbers
+
+    calls = {"n": 0}
+
+    def crashing(model, batch, n):
+        calls["n"] += 1
+        if calls["n"] == 6:  # dies during step 6, after the step-4 checkpoint
+            raise KeyboardInterrupt
+        return fn(model, batch, n)
+
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        train(_dropout_student(t), crashing, examples, _spec(), run_dir=part, seed=0, pad_id=0)
+    torch.manual_seed(12345)  # a fresh process: whatever state the RNG is in, the checkpoint's must win
+    train(_dropout_student(t), fn, examples, _spec(), run_dir=part, seed=0, pad_id=0, resume="latest")
+    assert _losses(part) == _losses(full)  # bit-identical, step for step
+
+
+def test_finite_loss_with_non_finite_gradients_stops_before_the_step(tmp_path, setup):
+    t, examples = setup
+    fn = build_hard_labels(vocab=len(t.tokenizer))
+    calls = {"n": 0}
+
+    def poisoned(model, batch, n):
+        calls["n"] += 1
+        out = fn(model, batch, n)
+        if calls["n"] == 3:
+            p = next(q for q in model.parameters() if q.requires_grad)
+            # value sqrt(0) = 0 (the loss stays finite), derivative 1 / (2 sqrt(0)) = inf -> NaN/inf gradients
+            out = LossOutput(out.loss + torch.sqrt((p - p.detach()).abs().sum()), out.metrics, out.n_tokens)
+            assert math.isfinite(float(out.loss.detach()))
+        return out
+
+    run = tmp_path / "poisoned"
+    student = _student(t)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 3: the loss is finite .* but the gradients are not"):
+        train(student, poisoned, examples, _spec(max_grad_norm=0.0), run_dir=run, seed=0, pad_id=0)
+    assert all(torch.isfinite(p).all() for p in student.parameters())  # the poisoned step was never taken
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000002"]
+
+
+def test_trained_module_comes_back_without_the_autocast_wrapper(tmp_path, setup):
+    """Under bf16 mixed precision accelerate wraps the model's forward in autocast; the trained module handed
+    back for evaluation must not keep it, or its eval row runs at another precision than the `before` row."""
+    from distil.methods.contract import Trainable
+    from distil.trainer import make_accelerator
+
+    from accelerate.state import AcceleratorState
+
+    t, examples = setup
+    module = Trainable(_student(t))
+    AcceleratorState._reset_state(reset_partial_state=True)  # the state is a per-process singleton
+    try:
+        res = train(module, build_hard_labels(vocab=len(t.tokenizer)), examples, _spec(steps=1, save_every=0),
+                    run_dir=tmp_path / "bf16", seed=0, pad_id=0, accelerator=make_accelerator("bf16"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert res.model is module
+    twin = _student(t)
+    twin.load_state_dict(module.student.state_dict())
+    ids = torch.tensor([examples[0]["input_ids"]])
+    with torch.no_grad():
+        mine, ref = res.model(input_ids=ids).logits, twin(input_ids=ids).logits
+    assert torch.equal(mine, ref)  # fp32 both: under a kept bf16 autocast wrapper they differ by ~1e-2
