@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from distil import data as data_mod
-from distil.errors import DistilError
+from distil.errors import DistilError, crash_point
 from distil.eval.metrics import evaluate, format_table
 from distil.methods import METHODS
 from distil.methods.contract import Context, Phase, Trainable
@@ -234,6 +234,7 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
     if recipe.output.save_student:
         student_dir = save_student(Loaded(final, student.tokenizer, student.source, student.path),
                                    run_dir / "student")
+    crash_point("run:saved-student")
     results, table = None, None
     if recipe.eval.enabled:
         rows = {"student (before)": initial, f"student ({method.name})": final, **rows, **stage.eval_rows()}

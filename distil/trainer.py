@@ -29,6 +29,7 @@ import torch
 from distil.checkpoint import (CKPT_PREFIX, STATE_FILE, gather_rng, list_checkpoints,  # noqa: F401
                                load_checkpoint, resolve_resume, retire_newer, save_checkpoint, truncate_metrics)
 from distil.data import collate, micro_batch
+from distil.errors import crash_point
 from distil.methods.contract import count_targets
 
 
@@ -198,6 +199,7 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
             tokens_window, window_t = 0, now
         bar.set_postfix(loss=f"{loss_value:.4f}", **{k: f"{v:.4f}" for k, v in totals.items()}, tok_s=f"{tps:.0f}")
         bar.update(1)
+        crash_point(f"train:step-{done}")  # kill -9 tests: after the step and its metrics line, before saving
         if (spec.save_every and done % spec.save_every == 0) or done == spec.steps:
             acc.wait_for_everyone()
             rng = gather_rng(acc)  # collective: every process's RNG states, saved per rank
@@ -205,6 +207,7 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
                 last_ckpt = str(save_checkpoint(ckpt_root, done, acc.unwrap_model(prepared), opt,
                                                 {"tokens": tokens_seen, "seed": seed}, spec.keep_last,
                                                 rng_states=rng))
+                crash_point(f"train:saved-{done}")
     bar.close()
     acc.wait_for_everyone()
     # The trained module itself, without DDP and without accelerate's autocast wrapper on its forward: evaluation

@@ -1,6 +1,7 @@
 """The `distil` command end to end on a tiny teacher: run, eval, resume, bad input."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,7 +22,13 @@ def test_run_writes_the_run_directory(make_recipe, capsys):
         assert (run / name).exists(), name
     results = json.loads((run / "eval.json").read_text())["results"]
     assert set(results) == {"teacher", "student (before)", "student (offline)", "student (hard_labels)"}
-    assert results["teacher"]["kl"] == pytest.approx(0.0, abs=1e-6) and results["teacher"]["agreement"] == 1.0
+    # every row is its own model: training changed the student, and the control differs from the distilled one
+    students = [results[n] for n in ("student (before)", "student (offline)", "student (hard_labels)")]
+    assert len({r["kl"] for r in students}) == 3 and len({r["ppl"] for r in students}) == 3
+    for name, row in results.items():
+        assert row["ppl"] == pytest.approx(math.exp(row["ce"]), rel=1e-9), name
+        assert row["tokens"] == results["teacher"]["tokens"] > 0
+        assert 0.0 <= row["agreement"] <= 1.0 and (row["kl"] > 0) == (name != "teacher"), name
     assert "student (offline)" in out and "top-1 agree" in out
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
     # The resolved recipe in the run dir is itself a valid recipe.
