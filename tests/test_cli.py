@@ -26,7 +26,7 @@ def test_run_writes_the_run_directory(make_recipe, capsys):
     students = [results[n] for n in ("student (before)", "student (offline)", "student (hard_labels)")]
     assert len({r["kl"] for r in students}) == 3 and len({r["ppl"] for r in students}) == 3
     for name, row in results.items():
-        assert row["ppl"] == pytest.approx(math.exp(row["ce"]), rel=1e-9), name
+        assert row["ppl"] == pytest.approx(math.exp(row["ce"]), rel=1e-6), name  # exp in fp32
         assert row["tokens"] == results["teacher"]["tokens"] > 0
         assert 0.0 <= row["agreement"] <= 1.0 and (row["kl"] > 0) == (name != "teacher"), name
     assert "student (offline)" in out and "top-1 agree" in out
