@@ -151,11 +151,26 @@ def _rebuild(model: Any, dtype: torch.dtype) -> Any:
     return plain
 
 
+def check_gguf(path: Path) -> None:
+    """The magic and version of a GGUF file: one clear line for an empty or foreign file (a truncated one is
+    reported by the loader, whose error is wrapped below; parsing the whole header here would cost seconds on
+    real models)."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise DistilError(f"{path}: expected a GGUF file (starting with b'GGUF'), found {head[:4]!r} "
+                          f"({path.stat().st_size} bytes)")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise DistilError(f"{path}: GGUF version: expected 2 or 3, found {version}")
+
+
 def load_gguf(path: Path, dtype: torch.dtype) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.is_file():
         raise DistilError(f"{path}: GGUF file not found")
+    check_gguf(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)

@@ -19,7 +19,7 @@ an interrupted export never leaves a half-written GGUF under the final name.
 
 from __future__ import annotations
 
-import json
+import glob
 import os
 import re
 import sys
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from distil.errors import DistilError
+from distil.errors import DistilError, crash_point
 from distil.export.kquants import FILE_TYPE, QUANT_TYPES, tensor_type
 from distil.export.tensors import Encoder, SafeTensors, cpus
-from distil.export.vocab import add_vocab, read_vocab
+from distil.export.vocab import add_vocab, read_json_object, read_vocab
 
 #: HF model_type -> (GGUF architecture, Q/K rows permuted for llama.cpp's NORM rope). Mistral is
 #: a llama graph (convert_hf_to_gguf writes it as "llama" too); qwen2 uses NEOX rope and biases.
@@ -64,16 +64,33 @@ class ExportResult:
 # ---------------------------------------------------------------- config and tensor plan
 
 
+def _number(cfg: dict, key: str, path: Path, default=None, *, integer: bool = True):
+    """cfg[key] (or `default` when absent or null), checked: a positive int, or a finite positive number."""
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise DistilError(f"{path}: {key}: expected {'a positive integer' if integer else 'a number'}, "
+                              f"found no such key")
+        return default
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and 0 < abs(value) < float("inf")
+    if isinstance(value, bool) or not ok or value <= 0:
+        raise DistilError(f"{path}: {key}: expected {'a positive integer' if integer else 'a positive number'}, "
+                          f"found {value!r}")
+    return value
+
+
 def _config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise DistilError(f"{model_dir}: expected a Hugging Face model directory with config.json")
-    cfg = json.loads(path.read_text())
+    cfg = read_json_object(path)
     model_type = cfg.get("model_type")
     if model_type not in ARCHITECTURES:
         raise DistilError(f"{path}: model_type {model_type!r} ({cfg.get('architectures')}) cannot "
                           f"be exported; supported: {', '.join(ARCHITECTURES)}")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise DistilError(f"{path}: rope_scaling: expected an object or null, found {rope!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear"):
         raise DistilError(f"{path}: rope scaling {rope_type!r} is not supported by the exporter "
@@ -81,15 +98,18 @@ def _config(model_dir: Path) -> dict:
     if cfg.get("mlp_bias"):
         raise DistilError(f"{path}: mlp_bias=true is not supported (llama.cpp's llama graph has "
                           f"no FFN biases)")
-    n_head = cfg["num_attention_heads"]
+    n_head, hidden = _number(cfg, "num_attention_heads", path), _number(cfg, "hidden_size", path)
+    if rope_type == "linear":
+        _number(rope, "factor", path, integer=False)
     return {
-        "path": path, "model_type": model_type, "n_layer": cfg["num_hidden_layers"],
-        "hidden": cfg["hidden_size"], "ffn": cfg["intermediate_size"], "n_head": n_head,
-        "n_kv": cfg.get("num_key_value_heads") or n_head,
-        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // n_head,
-        "vocab": cfg["vocab_size"], "ctx": cfg.get("max_position_embeddings", 2048),
-        "eps": cfg.get("rms_norm_eps", 1e-6),
-        "theta": rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+        "path": path, "model_type": model_type, "n_layer": _number(cfg, "num_hidden_layers", path),
+        "hidden": hidden, "ffn": _number(cfg, "intermediate_size", path), "n_head": n_head,
+        "n_kv": _number(cfg, "num_key_value_heads", path, n_head),
+        "head_dim": _number(cfg, "head_dim", path, hidden // n_head),
+        "vocab": _number(cfg, "vocab_size", path), "ctx": _number(cfg, "max_position_embeddings", path, 2048),
+        "eps": _number(cfg, "rms_norm_eps", path, 1e-6, integer=False),
+        "theta": _number(rope, "rope_theta", path, _number(cfg, "rope_theta", path, 10000.0, integer=False),
+                         integer=False),
         "rope_type": rope_type, "rope_factor": rope.get("factor"),
         # llama, mistral and qwen2 configs all default to untied embeddings
         "tied": bool(cfg.get("tie_word_embeddings", False)),
@@ -199,6 +219,45 @@ def _add_tensor_infos(w, st: SafeTensors, plan, types) -> None:
                               GGMLQuantizationType[qt])
 
 
+def _temp_prefix(out_path: Path) -> str:
+    """Temporary files of an export to OUT are `.OUT.<pid>.<random>.tmp` beside it (hidden, and only renamed to
+    OUT once complete)."""
+    return f".{out_path.name}."
+
+
+def _remove_stale_temps(out_path: Path) -> None:
+    """Remove what exports to this same path that were killed (kill -9, power loss) left behind: temporary files
+    whose process no longer runs. A temp file of a live export (another process) is left alone."""
+    prefix = _temp_prefix(out_path)
+    for p in out_path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = p.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit():
+            continue  # not a name this exporter makes
+        if int(pid) != os.getpid():  # our own pid on a file we have not made: a dead process had it before us
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive: maybe exporting to this path right now
+            except PermissionError:
+                continue  # alive, another user's
+            except (ProcessLookupError, OverflowError):
+                pass  # no such process (or no such pid at all)
+        p.unlink(missing_ok=True)
+
+
+def _check_special_files(model_dir: Path) -> None:
+    """The files gguf-py's SpecialVocab reads besides tokenizer.json, checked before anything is written."""
+    for name in ("tokenizer_config.json", "chat_template.json", "special_tokens_map.json"):
+        if (model_dir / name).is_file():
+            read_json_object(model_dir / name)
+    for name in ("chat_template.jinja", "merges.txt"):
+        path = model_dir / name
+        if path.is_file():
+            try:
+                path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                raise DistilError(f"{path}: expected UTF-8 text, found undecodable bytes") from None
+
+
 def export_gguf(model_dir, out_path, quant: str = "Q4_K_M", *, modelfile: bool = True,
                 name: str | None = None, pre_tokenizer: str | None = None,
                 workers: int | None = None) -> ExportResult:
@@ -223,7 +282,8 @@ def export_gguf(model_dir, out_path, quant: str = "Q4_K_M", *, modelfile: bool =
     if not model_dir.is_dir():
         raise DistilError(f"{model_dir}: model directory not found")
     if not out_path.parent.is_dir():
-        raise DistilError(f"{out_path}: output directory {out_path.parent} does not exist")
+        what = "is not a directory" if out_path.parent.exists() else "does not exist"
+        raise DistilError(f"{out_path}: output directory {out_path.parent} {what}")
     if out_path.is_dir():
         raise DistilError(f"{out_path}: expected a .gguf file path, found a directory")
     c = _config(model_dir)
@@ -231,32 +291,49 @@ def export_gguf(model_dir, out_path, quant: str = "Q4_K_M", *, modelfile: bool =
     st = SafeTensors(model_dir)
     plan = _plan(st, c)
     vocab = read_vocab(model_dir, c["vocab"], pre_tokenizer)
+    _check_special_files(model_dir)
     types = [tensor_type(g, st.shape(hf), quant, c["n_layer"], c["tied"]) for hf, g in plan]
     if workers is None:
         big = sum(int(np.prod(st.shape(hf))) for hf, _ in plan) >= _PARALLEL_MIN
         workers = cpus() if big and sys.platform == "linux" else 1
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    w = GGUFWriter(tmp, arch)
-    encoder = Encoder([(st, hf, g, qt, c, permute) for (hf, g), qt in zip(plan, types)], workers)
+    _remove_stale_temps(out_path)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(out_path)}{os.getpid()}.", suffix=".tmp",
+                                   dir=out_path.parent)
+    except OSError as exc:  # a read-only directory, a full disk
+        raise DistilError(f"{out_path}: cannot write in {out_path.parent} ({exc.strerror or exc})") from None
+    os.close(fd)
+    crash_point("export:temp-created")
+    w, encoder = None, None
+    try:
+        w = GGUFWriter(tmp, arch)
+        encoder = Encoder([(st, hf, g, qt, c, permute) for (hf, g), qt in zip(plan, types)], workers)
         _add_metadata(w, c, quant, name or model_dir.name)
         info = add_vocab(w, model_dir, vocab, c["vocab"])
         _add_tensor_infos(w, st, plan, types)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for data in encoder:
+        for i, data in enumerate(encoder):
             w.write_tensor_data(data)
+            crash_point(f"export:tensor-{i}")
         w.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        crash_point("export:before-rename")
         os.replace(tmp, out_path)  # atomic: the final name only ever holds a complete file
-    except BaseException:
-        w.close()
+    except BaseException as exc:
+        if w is not None:
+            w.close()
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (tmp, str(out_path)):
+            raise DistilError(f"{out_path}: cannot write the GGUF ({exc.strerror or exc})") from None
         raise
     finally:
-        encoder.close()
+        if encoder is not None:
+            encoder.close()
+    crash_point("export:after-rename")
     mf = None
     if modelfile:
         mf = write_modelfile(out_path, info["chat_template"], eos=info["eos"])

@@ -28,6 +28,58 @@ _CHUNK_ELEMS = 1 << 21  # rows are read and encoded ~2M weights at a time
 # ---------------------------------------------------------------- safetensors, read by rows
 
 
+#: bytes per element of every safetensors dtype (the header check knows them all; the exporter reads F32/F16/BF16)
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_safetensors(w: Path) -> tuple[dict, int]:
+    """The header of one safetensors file, checked against the file without reading any tensor: the header
+    length fits the file, the header is a JSON object, every tensor has a known dtype, a shape and a byte range
+    of exactly its size inside the file. Returns the header ({name: {dtype, shape, data_offsets}}, maybe
+    __metadata__) and where the data starts (8 + header length); DistilError naming the file otherwise."""
+    size = w.stat().st_size
+    if size < 8:
+        raise DistilError(f"{w}: corrupt safetensors file: expected at least an 8-byte header length, found "
+                          f"{size} bytes")
+    with w.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8 or n > 100 << 20:  # safetensors itself refuses headers over 100 MB
+            raise DistilError(f"{w}: corrupt or truncated safetensors file: the header claims {n} bytes, the "
+                              f"file has {size - 8} after the length")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise DistilError(f"{w}: corrupt safetensors file: expected a JSON header, found unreadable bytes") from None
+    if not isinstance(header, dict):
+        raise DistilError(f"{w}: corrupt safetensors file: expected a JSON object header, found a "
+                          f"{type(header).__name__}")
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(entry, dict) and entry.get("dtype") in _ST_ITEMSIZE \
+            and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list) \
+            and len(entry["data_offsets"]) == 2 \
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                    for x in entry["shape"] + entry["data_offsets"])
+        if not ok:
+            raise DistilError(f"{w}: corrupt safetensors file: tensor {name}: expected dtype, shape and "
+                              f"data_offsets, found {str(entry)[:80]}")
+        begin, end = entry["data_offsets"]
+        count = 1
+        for dim in entry["shape"]:
+            count *= dim
+        if end > data_size or begin > end:
+            raise DistilError(f"{w}: corrupt or truncated safetensors file: tensor {name} ends at byte {end} of "
+                              f"the data, the file holds {data_size}")
+        if end - begin != count * _ST_ITEMSIZE[entry["dtype"]]:
+            raise DistilError(f"{w}: corrupt safetensors file: tensor {name} of shape {entry['shape']} "
+                              f"({entry['dtype']}) spans {end - begin} bytes")
+    return header, 8 + n
+
+
 class SafeTensors:
     """Tensors of one HF directory (single file or shards), read row ranges at a time as f32."""
 
@@ -40,9 +92,7 @@ class SafeTensors:
                               f"save_pretrained(safe_serialization=True))")
         self.entries: dict[str, tuple[Path, str, tuple[int, ...], int]] = {}
         for f in files:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
+            header, start = check_safetensors(f)  # lengths, JSON and byte ranges, against the file's size
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
@@ -50,7 +100,7 @@ class SafeTensors:
                     raise DistilError(f"{f}: tensor {name} has dtype {info['dtype']}; expected "
                                       f"one of {', '.join(_ST_DTYPES)}")
                 self.entries[name] = (f, info["dtype"], tuple(info["shape"]),
-                                      8 + n + info["data_offsets"][0])
+                                      start + info["data_offsets"][0])
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][2]

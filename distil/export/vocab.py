@@ -46,6 +46,18 @@ KNOWN_PRE = ("default", "gpt-2", "llama-bpe", "llama3", "qwen2", "smollm", "star
              "trillion", "bailingmoe", "seed-coder", "hunyuan", "kimi-k2", "grok-2")
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, tokenizer.json, ...), or DistilError saying why not."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DistilError(f"{path}: expected a JSON object, found invalid JSON ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:100] if str(exc) else ''})") from None
+    if not isinstance(data, dict):
+        raise DistilError(f"{path}: expected a JSON object, found a {type(data).__name__}")
+    return data
+
+
 @dataclass
 class Vocab:
     model: str  # "gpt2" or "llama"
@@ -240,7 +252,9 @@ def _pad(tokens: list, scores: list, types: list, n_vocab: int) -> None:
 def read_vocab(model_dir: Path, n_vocab: int, pre: str | None = None) -> Vocab:
     """The tokenizer of ``model_dir`` as GGUF fields, padded to the ``n_vocab`` embedding rows."""
     tj = model_dir / "tokenizer.json"
-    tok = json.loads(tj.read_text(encoding="utf-8")) if tj.is_file() else None
+    tok = read_json_object(tj) if tj.is_file() else None
+    if tok is not None and not isinstance(tok.get("model"), dict):
+        raise DistilError(f"{tj}: model: expected a tokenizer model object, found {str(tok.get('model'))[:60]}")
     kind = (tok or {}).get("model", {}).get("type")
     byte_fallback = (tok or {}).get("model", {}).get("byte_fallback", False)
     if tok is not None and kind == "BPE" and not byte_fallback:

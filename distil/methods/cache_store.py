@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from distil.errors import DistilError
+from distil.errors import DistilError, crash_point
 
 FORMAT, VERSION = "distil-teacher-cache", 1
 MANIFEST = "manifest.json"
@@ -156,22 +157,26 @@ def _mismatch(cdir: Path, made: dict, want: dict) -> str | None:
 # Writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, point: str = "") -> None:
+    """temp -> fsync -> rename -> fsync of the directory. `point` names the moments for the kill tests
+    (`<point>:tmp` before the rename, `<point>:renamed` after it; see errors.crash_point)."""
     tmp = path.parent / f".tmp-{path.name}"
     with tmp.open("wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    crash_point(f"{point}:tmp")
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)  # the rename itself is durable
     finally:
         os.close(fd)
+    crash_point(f"{point}:renamed")
 
 
-def _write_manifest(cdir: Path, manifest: dict) -> None:
-    _write_atomic(cdir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+def _write_manifest(cdir: Path, manifest: dict, point: str = "") -> None:
+    _write_atomic(cdir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), point)
 
 
 def read_manifest(cdir: Path) -> dict | None:
@@ -184,7 +189,51 @@ def read_manifest(cdir: Path) -> dict | None:
         manifest = None
     if not isinstance(manifest, dict) or not all(key in manifest for key in ("shards", "teacher", "data", "k")):
         raise DistilError(f"{path}: not a readable teacher-cache manifest; delete the cache directory")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DistilError(f"{path}: {problem}; delete the cache directory to rebuild it")
     return manifest
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+_SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with the structure of a manifest that parsed as JSON (None: nothing). Shard file names are
+    plain names inside the cache directory: a manifest cannot make distil read or overwrite files elsewhere."""
+    for key, strings, counts in (("teacher", ("source", "sha256"), ()),
+                                 ("tokenizer", ("name", "sha256"), ("vocab_size",)),
+                                 ("data", ("source", "sha256"), ("examples", "rows"))):
+        sec = m.get(key)
+        if not isinstance(sec, dict):
+            return f"{key}: expected an object, found {str(sec)[:40]}"
+        for name in strings:
+            if not isinstance(sec.get(name), str):
+                return f"{key}.{name}: expected a string, found {str(sec.get(name))[:40]}"
+        for name in counts:
+            if not _is_int(sec.get(name)):
+                return f"{key}.{name}: expected a non-negative integer, found {str(sec.get(name))[:40]}"
+    if not _is_int(m.get("k")) or not m["k"]:
+        return f"k: expected a positive integer, found {str(m.get('k'))[:40]}"
+    if isinstance(m.get("temperature"), bool) or not isinstance(m.get("temperature"), (int, float)):
+        return f"temperature: expected a number, found {str(m.get('temperature'))[:40]}"
+    if m.get("ids_dtype") not in ("uint16", "int32"):
+        return f"ids_dtype: expected 'uint16' or 'int32', found {str(m.get('ids_dtype'))[:40]}"
+    if not _is_int(m.get("shard_tokens")) or not m["shard_tokens"]:
+        return f"shard_tokens: expected a positive integer, found {str(m.get('shard_tokens'))[:40]}"
+    if not isinstance(m["shards"], list):
+        return f"shards: expected a list, found {str(m['shards'])[:40]}"
+    for i, s in enumerate(m["shards"]):
+        if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not _SHARD_NAME.fullmatch(s["file"]) \
+                or not all(_is_int(s.get(f)) for f in ("first_example", "n_examples", "rows", "bytes")) \
+                or not isinstance(s.get("sha256"), str):
+            return (f"shards[{i}]: expected {{file: shard-NNNNN.safetensors, first_example, n_examples, rows, bytes, "
+                    f"sha256}}, found {str(s)[:60]}")
+    return None
 
 
 def plan_shards(rows: list[int], shard_tokens: int) -> list[tuple[int, int, int]]:
@@ -240,7 +289,7 @@ def build(cdir: Path, examples: list[dict], teacher_model: Any, *, identity: dic
     if manifest is None:
         manifest = {**identity, "ids_dtype": "uint16" if vocab <= 65536 else "int32", "logprobs_dtype": "float16",
                     "shard_tokens": shard_tokens, "complete": False, "shards": []}
-        _write_manifest(cdir, manifest)
+        _write_manifest(cdir, manifest, "cache:manifest-new")
     plan = plan_shards(rows_per_example(examples), manifest["shard_tokens"])
     done = manifest["shards"]
     for i, s in enumerate(done):
@@ -271,11 +320,11 @@ def build(cdir: Path, examples: list[dict], teacher_model: Any, *, identity: dic
                     metadata={"distil": json.dumps({"format": FORMAT, "version": VERSION, "first_example": first,
                                                     "n_examples": n_ex})})
         name = f"shard-{i:05d}.safetensors"
-        _write_atomic(cdir / name, data)
+        _write_atomic(cdir / name, data, f"cache:shard-{i}")
         done.append({"file": name, "first_example": first, "n_examples": n_ex, "rows": n_rows, "bytes": len(data),
                      "sha256": hashlib.sha256(data).hexdigest()})
         manifest["complete"] = len(done) == len(plan)
-        _write_manifest(cdir, manifest)
+        _write_manifest(cdir, manifest, f"cache:manifest-{i}")
         echo(f"cache: shard {i + 1}/{len(plan)}: {n_rows} tokens in {time.perf_counter() - t0:.1f}s")
         if on_shard is not None:
             on_shard(i)
@@ -302,6 +351,53 @@ def _check_shard(cdir: Path, s: dict, full: bool = False) -> None:
 # Reading
 
 
+def _open_shard(cdir: Path, s: dict, manifest: dict) -> tuple[Any, np.ndarray]:
+    """Open a listed shard for reading, after checking its header against the manifest (the size is checked by
+    `_check_shard`, the sha256 only by `distil cache`: a header damaged in place must still be refused with one
+    line, not crash safetensors or feed wrong rows). Returns the open file and its example offsets."""
+    from safetensors import safe_open
+
+    from distil.export.tensors import check_safetensors
+
+    path = cdir / s["file"]
+    fix = "delete the cache directory to rebuild it"
+    try:
+        header, _ = check_safetensors(path)
+    except DistilError as exc:
+        raise DistilError(f"{exc}; {fix}") from None
+    rows, k, n_ex = s["rows"], manifest["k"], s["n_examples"]
+    want = {"ids": ("U16" if manifest["ids_dtype"] == "uint16" else "I32", [rows, k]),
+            "logprobs": ("F16", [rows, k]), "tail": ("F32", [rows]), "offsets": ("I64", [n_ex + 1])}
+    found = {name: (e["dtype"], e["shape"]) for name, e in header.items() if name != "__metadata__"}
+    for name, (dtype, shape) in want.items():
+        if found.get(name) != (dtype, shape):
+            got = "no such tensor" if name not in found else f"{found[name][0]} {found[name][1]}"
+            raise DistilError(f"{path}: {name}: expected {dtype} {shape} (manifest), found {got}; {fix}")
+    if set(found) != set(want):
+        raise DistilError(f"{path}: expected the tensors {sorted(want)}, found {sorted(found)}; {fix}")
+    meta = header.get("__metadata__")
+    try:
+        info = json.loads(meta["distil"]) if isinstance(meta, dict) and isinstance(meta.get("distil"), str) else None
+    except ValueError:
+        info = None
+    if not isinstance(info, dict) or (info.get("first_example"), info.get("n_examples")) != \
+            (s["first_example"], n_ex):
+        raise DistilError(f"{path}: __metadata__.distil: expected first_example={s['first_example']}, "
+                          f"n_examples={n_ex} (manifest), found {str(meta)[:80]}; {fix}")
+    if s["first_example"] + n_ex > manifest["data"]["examples"]:
+        raise DistilError(f"{cdir / MANIFEST}: {s['file']}: examples {s['first_example']}..{s['first_example'] + n_ex}"
+                          f" are past the {manifest['data']['examples']} cached examples; {fix}")
+    try:
+        f = safe_open(str(path), framework="numpy")
+        offsets = f.get_tensor("offsets")
+    except Exception as exc:  # safetensors' own checks (alignment, overlaps)
+        raise DistilError(f"{path}: unreadable shard ({type(exc).__name__}: {str(exc)[:100]}); {fix}") from None
+    if offsets[0] != 0 or offsets[-1] != rows or (np.diff(offsets) < 0).any():
+        raise DistilError(f"{path}: offsets: expected 0 .. {rows} in increasing order, found "
+                          f"{offsets[:3].tolist()} .. {int(offsets[-1])}; {fix}")
+    return f, offsets
+
+
 class TeacherCache:
     """A complete cache opened for training: `rows(example indices)` -> (ids, logprobs, tail) of those examples.
 
@@ -310,8 +406,6 @@ class TeacherCache:
 
     def __init__(self, cdir: str | Path, *, tail_mode: str = "tail_term", expect: dict | None = None,
                  verify: bool = False):
-        from safetensors import safe_open
-
         self.dir = Path(cdir)
         manifest = read_manifest(self.dir)
         if manifest is None:
@@ -333,8 +427,7 @@ class TeacherCache:
         self._files = []
         for j, s in enumerate(manifest["shards"]):
             _check_shard(self.dir, s, full=verify)
-            f = safe_open(str(self.dir / s["file"]), framework="numpy")
-            offsets = f.get_tensor("offsets")
+            f, offsets = _open_shard(self.dir, s, manifest)
             sl = slice(s["first_example"], s["first_example"] + s["n_examples"])
             self._shard[sl], self._start[sl], self._end[sl] = j, offsets[:-1], offsets[1:]
             self._files.append(f)
