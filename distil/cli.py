@@ -187,10 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    import contextlib
+    import io
+
+    said = io.StringIO()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse prints its own one-line usage error
-        return int(exc.code or 0) if exc.code in (0, None) else 2
+        with contextlib.redirect_stderr(said):
+            args = parser.parse_args(argv)
+    except SystemExit as exc:
+        if exc.code in (0, None):  # --help (on stdout)
+            sys.stderr.write(said.getvalue())
+            return 0
+        # argparse prints its usage, then "distil VERB: error: MESSAGE": keep the one line that says what is wrong
+        last = next((ln for ln in reversed(said.getvalue().splitlines()) if ln.strip()), "")
+        where, _, message = last.partition(": error: ")
+        verb = where.split(" ", 1)[1] if " " in where else ""
+        print(f"distil: error: {verb + ': ' if verb else ''}{message or last or 'invalid arguments'} "
+              f"(see distil {verb + ' ' if verb else ''}--help)", file=sys.stderr)
+        return 2
+    sys.stderr.write(said.getvalue())
     try:
         return VERBS[args.verb](args)
     except DistilError as exc:

@@ -116,6 +116,25 @@ def test_malformed_override(case, tmp_path, capsys):
     assert needle in one_line_error(capsys, ["validate", path, override])
 
 
+COMMAND_LINES = {  # id -> (arguments, what the error line must contain)
+    "export-without-gguf": (["export", "some/model"], "export: the following arguments are required: --gguf"),
+    "unknown-verb": (["nosuch"], "invalid choice: 'nosuch'"),
+    "unknown-option": (["export", "m", "--gguf", "o.gguf", "--bogus"], "unrecognized arguments: --bogus"),
+    "no-verb": ([], "the following arguments are required: verb"),
+}
+
+
+@pytest.mark.parametrize("case", list(COMMAND_LINES))
+def test_malformed_command_line(case, capsys):
+    argv, needle = COMMAND_LINES[case]
+    assert needle in one_line_error(capsys, argv)
+
+
+def test_help_still_prints_usage(capsys):
+    assert main(["export", "--help"]) == 0
+    assert "--gguf" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("seed", [2**64, 2**32, -1])
 def test_bad_seed_fails_before_the_run_directory_exists(seed, make_recipe, tmp_path, capsys):
     path = make_recipe(seed=seed)
