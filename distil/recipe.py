@@ -150,7 +150,8 @@ class CoreRecipe:
     """The sections every run has; `Recipe` adds one section per method that has options."""
 
     name: str = _f("run", "Run name: the run directory is <output.dir>/<name>.")
-    seed: int = _f(0, "Seed for initialisation, data order and dropout.")
+    seed: int = _f(0, "Seed for initialisation, data order and dropout (0 <= seed < 2**32: numpy takes 32 bits).",
+                   ge=0, lt=2**32)
     teacher: ModelSpec = _f(help="The frozen teacher.", factory=ModelSpec)
     student: ModelSpec = _f(help="The student that is trained.", factory=lambda: ModelSpec(source="teacher"))
     data: DataSpec = _f(help="Training and evaluation data.", factory=DataSpec)
@@ -273,9 +274,6 @@ def _convert(value: Any, tp: Any, where: str, path: str) -> Any:
 
 #: Range checks of fields whose dataclass declares none: a seed must be a valid seed for Python's, numpy's and
 #: torch's generators (numpy takes 0 <= seed < 2**32; torch 64 bits, and data order seeds with seed * 1_000_003).
-_PATH_RANGES = {"seed": {"ge": 0, "lt": 2**32}}
-
-
 def _check_range(value: Any, meta: dict, where: str, path: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
@@ -304,7 +302,7 @@ def _build(cls: type, data: dict, where: str, prefix: str = "", base: dict | Non
             converted = _build(tp, value, where, path, base)
         else:
             converted = _convert(value, tp, where, path)
-        _check_range(converted, {**_PATH_RANGES.get(path, {}), **fields[key].metadata}, where, path)
+        _check_range(converted, dict(fields[key].metadata), where, path)
         kwargs[key] = converted
     return cls(**kwargs)
 
