@@ -26,11 +26,12 @@ from typing import Any, Callable
 
 import torch
 
-from distil.checkpoint import (CKPT_PREFIX, STATE_FILE, gather_rng, list_checkpoints,  # noqa: F401
+from distil.checkpoint import (CKPT_PREFIX, STATE_FILE, list_checkpoints,  # noqa: F401
                                load_checkpoint, resolve_resume, retire_newer, save_checkpoint, truncate_metrics)
 from distil.data import collate, micro_batch
 from distil.errors import crash_point
 from distil.methods.contract import count_targets
+from distil.rng import gather_rng
 
 
 class TrainingDiverged(Exception):

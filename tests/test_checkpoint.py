@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import distil.checkpoint as ck
+import distil.rng as rng_mod
 from distil.checkpoint import (capture_rng, gather_rng, list_checkpoints, load_checkpoint, resolve_resume,
                                retire_newer, save_checkpoint, truncate_metrics)
 from distil.errors import DistilError
@@ -136,7 +137,7 @@ def test_old_checkpoints_with_only_a_cpu_state_still_load(tmp_path):
 
 def test_gather_rng_unpacks_every_rank_in_order():
     _scramble(1)
-    other = ck._pack_rng(capture_rng())
+    other = rng_mod._pack_rng(capture_rng())
     other_states = capture_rng()
 
     class TwoRanks:  # rank 0 of 2; rank 1's packed states are `other`
