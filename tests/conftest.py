@@ -54,3 +54,42 @@ def make_recipe(tmp_path, tiny_teacher):
         return path
 
     return _make
+
+
+class Fp32Tolerance:
+    """Tolerances at fp32 precision that hold on every x86-64 kernel set.
+
+    torch picks its CPU kernels at start-up (ATEN_CPU_CAPABILITY=default / avx2 / avx512; MKL its own), so two
+    fp32 computations of the same value, or one compared with a float64 reference, agree to a few units in the
+    last place (ulps), not bit for bit. The allowed error is `ulps` fp32 ulps of the magnitude compared, times
+    sqrt(terms) for a value that sums `terms` rounded contributions (rounding errors add like a random walk).
+    `scale` is the magnitude of the summands when the result can be much smaller than they are (cancellation,
+    values near 0); by default it is |expected| (approx) or max |expected| over the tensor (assert_close).
+    Exact comparisons stay for the same computation run twice in one process (determinism, resume).
+    """
+
+    eps = torch.finfo(torch.float32).eps  # 1.19e-7: one ulp at 1.0
+
+    def rel(self, ulps: float = 8, terms: int = 1) -> float:
+        return ulps * self.eps * max(terms, 1) ** 0.5
+
+    def approx(self, expected, *, ulps: float = 8, terms: int = 1, scale: float | None = None):
+        rel = self.rel(ulps, terms)
+        return pytest.approx(expected, rel=rel, abs=rel * (scale or 0.0))
+
+    def assert_close(self, actual, expected, *, ulps: float = 8, terms: int = 1, scale: float | None = None,
+                     msg=None):
+        """Elementwise |a - e| <= rel * (|e| + scale), compared in float64 (so a float64 reference is welcome)."""
+        a = torch.as_tensor(actual).detach().double()
+        e = torch.as_tensor(expected).detach().double()
+        finite = torch.isfinite(e)
+        if scale is None:
+            scale = float(e[finite].abs().max()) if finite.any() else 0.0
+        rel = self.rel(ulps, terms)
+        torch.testing.assert_close(a, e, rtol=rel, atol=rel * scale, msg=msg)
+
+
+@pytest.fixture(scope="session")
+def fp32():
+    """fp32-precision tolerances, the same on every x86-64 CPU (see Fp32Tolerance)."""
+    return Fp32Tolerance()

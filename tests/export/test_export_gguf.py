@@ -103,8 +103,11 @@ def test_bf16_source_exports(model_dir, tmp_path):
 # Stated tolerances, per type: minimum cosine between the logits transformers computes from the
 # GGUF and the source model's, over every position (seen on these models: BF16 0.99999, Q8_0
 # 0.99985, Q6_K 0.9986, Q5_K_M 0.9959, Q5_0 0.9942, Q4_K_M 0.984, Q4_0 0.976). F32 / F16 hold
-# the source values exactly (the fixtures' weights are fp16 numbers), so they must agree to 1e-4.
-TOLERANCE = {"F32": ("max_abs", 1e-4), "F16": ("max_abs", 1e-4), "BF16": ("cos", 0.9995),
+# the source values exactly (the fixtures' weights are fp16 numbers), so the logits agree to fp32
+# precision: 8 ulps of the largest logit times sqrt(1024), the widest reduction in these models (bit for
+# bit when written, but config floats such as rms_norm_eps are stored as f32 in the file).
+TOLERANCE = {"F32": ("fp32", 8 * 2.0**-23 * 1024**0.5), "F16": ("fp32", 8 * 2.0**-23 * 1024**0.5),
+             "BF16": ("cos", 0.9995),
              "Q8_0": ("cos", 0.999), "Q6_K": ("cos", 0.995), "Q5_K_M": ("cos", 0.99),
              "Q5_0": ("cos", 0.99), "Q4_K_M": ("cos", 0.97), "Q4_0": ("cos", 0.95)}
 
@@ -120,8 +123,8 @@ def hf_gguf_logits(path, ids):
 
 def check_logits(got, want, quant):
     kind, tol = TOLERANCE[quant]
-    if kind == "max_abs":
-        assert np.abs(got - want).max() < tol
+    if kind == "fp32":
+        assert np.abs(got - want).max() <= tol * np.abs(want).max()
     else:
         cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
         assert cos.min() >= tol, f"min cosine {cos.min():.5f} < {tol}"
