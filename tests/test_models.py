@@ -9,8 +9,15 @@ from distil.testing import char_tokenizer, save_tiny_model
 
 
 def test_hf_dir_loads_with_tokenizer(tiny_teacher):
+    from safetensors.torch import load_file
+
     t = load_model(str(tiny_teacher))
     assert t.model.config.num_hidden_layers == 4 and len(t.tokenizer) == t.model.config.vocab_size
+    # the weights are the file's (not a fresh random init of the same config), in fp32 on CPU
+    saved = load_file(str(tiny_teacher / "model.safetensors"))
+    state = t.model.state_dict()
+    assert saved and all(torch.equal(state[k], v) for k, v in saved.items())
+    assert t.tokenizer("ab")["input_ids"] == [t.tokenizer.convert_tokens_to_ids(c) for c in "ab"]
 
 
 def test_bin_only_directory_is_refused(tmp_path, tiny_teacher):
@@ -37,10 +44,22 @@ def test_missing_model_dir(tmp_path):
         load_model(str(tmp_path / "nope"))
 
 
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_config_source_random_init_with_overrides(tiny_teacher):
     t = load_model(str(tiny_teacher))
     s = load_model("config:teacher", config={"num_hidden_layers": 1}, teacher=t, seed=3)
     assert s.model.config.num_hidden_layers == 1 and s.tokenizer is t.tokenizer
+    assert s.model.config.hidden_size == t.model.config.hidden_size  # the rest of the teacher's config
+    # a random init, seeded: the same seed gives the same weights, another seed others, and none are the teacher's
+    again = load_model("config:teacher", config={"num_hidden_layers": 1}, teacher=t, seed=3)
+    other = load_model("config:teacher", config={"num_hidden_layers": 1}, teacher=t, seed=4)
+    assert _same_weights(s.model, again.model) and not _same_weights(s.model, other.model)
+    w = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(s.model.state_dict()[w], t.model.state_dict()[w])
     with pytest.raises(DistilError, match="did you mean 'num_hidden_layers'"):
         load_model("config:teacher", config={"num_hidden_layer": 1}, teacher=t)
     s2 = load_model(f"config:{tiny_teacher / 'config.json'}", seed=3, teacher=t)
@@ -52,12 +71,19 @@ def test_student_from_teacher_keeps_the_chosen_layers(tiny_teacher):
     s = student_from_teacher(t, [0, 3])
     assert s.model.config.num_hidden_layers == 2
     tl, sl = t.model.model.layers, s.model.model.layers
-    assert torch.equal(sl[1].mlp.down_proj.weight, tl[3].mlp.down_proj.weight)
-    assert torch.equal(s.model.model.embed_tokens.weight, t.model.model.embed_tokens.weight)
-    # Keeping every layer reproduces the teacher exactly.
+    # every student weight is its teacher counterpart (layer i of the student = layer layers[i] of the teacher):
+    # nothing is left at its random init
+    teacher_state = t.model.state_dict()
+    for key, value in s.model.state_dict().items():
+        src = key.replace("layers.1.", "layers.3.")
+        assert torch.equal(value, teacher_state[src]), key
+    assert len(s.model.state_dict()) < len(teacher_state)
+    # Keeping every layer reproduces the teacher exactly: same weights, same computation, in this process.
     full = student_from_teacher(t, None)
+    assert _same_weights(full.model, t.model)
     x = torch.randint(0, 100, (2, 9))
-    torch.testing.assert_close(full.model(x).logits, t.model(x).logits)
+    with torch.no_grad():
+        assert torch.equal(full.model(x).logits, t.model(x).logits)
     # The copy owns its weights: training the student leaves the teacher alone.
     sl[1].mlp.down_proj.weight.data.add_(1.0)
     assert not torch.equal(sl[1].mlp.down_proj.weight, tl[3].mlp.down_proj.weight)

@@ -97,10 +97,26 @@ def test_yaml_is_loaded_safely(tmp_path):
         load_recipe(evil)
 
 
+def _leaf_keys(cls, prefix=""):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaf_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
 def test_explain_documents_every_key():
-    text = "\n".join(explain())
-    for key in ("train.lr", "distill.temperature", "student.layers", "data.seq_len", "eval.hard_label_baseline"):
-        assert key in text
+    lines = explain()
+    keys = list(_leaf_keys(Recipe))
+    assert {"train.lr", "distill.temperature", "student.layers", "data.seq_len", "eval.hard_label_baseline"} <= set(keys)
+    for key in keys:  # one line per key: its type, its default and a sentence of help
+        [line] = [ln for ln in lines if ln.startswith(f"  {key} (")]
+        assert "; default " in line and len(line.split("): ", 1)[1]) > 10, line
+    assert sum(ln.startswith("  ") for ln in lines) == len(keys)  # and no line for a key that does not exist
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -120,4 +136,5 @@ def test_cli_validate_ok_and_ls(capsys):
     assert main(["validate", "demo"]) == 0
     assert "ok" in capsys.readouterr().out
     assert main(["ls"]) == 0
-    assert "demo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert all(name in out for name in bundled_recipes())
