@@ -82,7 +82,9 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path, setup):
     train(b, fn, examples, _spec(steps=2, batch_size=1, grad_accum=4, save_every=0), run_dir=tmp_path / "b",
           seed=0, pad_id=0)
     for x, y in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(x, y, atol=2e-6, rtol=1e-5)
+        # AdamW divides by sqrt(v): rounding differences of the accumulated gradients (another summation order)
+        # come out amplified where gradients are tiny; a real accumulation bug moves weights by ~lr = 1e-2
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4)
     la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert la == pytest.approx(lb, rel=1e-5)
 
