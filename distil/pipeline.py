@@ -29,6 +29,7 @@ from distil.methods.hard_labels import build_hard_labels
 from distil.models import (Loaded, check_same_vocab, count_params, load_student,  # noqa: F401 (re-exported)
                            load_teacher)
 from distil.recipe import Recipe, dump_recipe, recipe_to_dict
+from distil.atomic import write_atomic
 from distil.checkpoint import list_checkpoints, resolve_resume
 from distil.trainer import make_accelerator, train
 
@@ -274,16 +275,10 @@ def export_student(recipe: Recipe, run_dir: Path, student_dir: Path | None, echo
     return Path(result.path)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".tmp-{path.name}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(run_dir: Path, recipe: Recipe, results: dict, params: dict, table: str) -> None:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    _write_text_atomic(run_dir / "eval.json", json.dumps({"results": results, "params": params, "date": stamp},
+    write_atomic(run_dir / "eval.json", json.dumps({"results": results, "params": params, "date": stamp},
                                                          indent=2))
-    _write_text_atomic(run_dir / "report.md",
+    write_atomic(run_dir / "report.md",
                        f"# {recipe.name}\n\n{stamp}. Method `{recipe.distill.method}`, loss `{recipe.distill.loss}`, "
                        f"{recipe.train.steps} steps.\n\n```\n{table}\n```\n")

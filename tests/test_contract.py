@@ -5,6 +5,7 @@ A toy method defined here (never registered in the package) exercises every part
 per-step hooks, a custom item count, a named metric, extra eval rows and a finalize step.
 """
 
+import copy
 import dataclasses
 import json
 import typing
@@ -182,3 +183,32 @@ def test_output_dir_that_is_not_a_directory(make_recipe, tmp_path, capsys, where
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "output.dir" in err
     assert blocker.read_text() == "keep me"
+
+
+def test_a_stage_with_no_phase_and_a_finalize(tiny_teacher, tmp_path, monkeypatch):
+    """PTQ-like: no training, only a conversion. The deliverable is what finalize returns: it is saved and
+    evaluated as the method's row, and nothing is trained (no metrics.jsonl, no checkpoints)."""
+    def build(ctx):
+        def finalize():
+            halved = copy.deepcopy(ctx.student.model)
+            with torch.no_grad():
+                halved.lm_head.weight.mul_(0.5)  # tied: the embeddings too
+            return halved
+        return Stage(phases=[], finalize=finalize)
+
+    monkeypatch.setitem(pipeline.METHODS, "convert", Method(name="convert", summary="", teacher="none", build=build))
+    recipe = recipe_from_dict({
+        "name": "c", "teacher": {"source": str(tiny_teacher)}, "student": {"source": "teacher", "layers": [0, 3]},
+        "data": {"source": "builtin:pydoc", "max_records": 12, "seq_len": 32, "eval_size": 4},
+        "train": {"progress": False}, "output": {"dir": str(tmp_path / "runs")}})
+    recipe.distill.method = "convert"
+    result = pipeline.run(recipe, echo=_quiet)
+    assert not (result.run_dir / "metrics.jsonl").exists() and not (result.run_dir / "checkpoints").exists()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(result.student_dir / "model.safetensors"))
+    from distil.models import load_model, student_from_teacher
+
+    initial = student_from_teacher(load_model(str(tiny_teacher)), [0, 3]).model
+    assert torch.equal(saved["model.embed_tokens.weight"], initial.model.embed_tokens.weight * 0.5)
+    assert result.eval["student (convert)"] != result.eval["student (before)"]

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -43,7 +42,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from distil.errors import DistilError, crash_point
+from distil.atomic import write_atomic
+from distil.errors import DistilError
 
 FORMAT, VERSION = "distil-teacher-cache", 1
 MANIFEST = "manifest.json"
@@ -157,22 +157,7 @@ def _mismatch(cdir: Path, made: dict, want: dict) -> str | None:
 # Writing
 
 
-def _write_atomic(path: Path, data: bytes, point: str = "") -> None:
-    """temp -> fsync -> rename -> fsync of the directory. `point` names the moments for the kill tests
-    (`<point>:tmp` before the rename, `<point>:renamed` after it; see errors.crash_point)."""
-    tmp = path.parent / f".tmp-{path.name}"
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    crash_point(f"{point}:tmp")
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself is durable
-    finally:
-        os.close(fd)
-    crash_point(f"{point}:renamed")
+_write_atomic = write_atomic  # (distil/atomic.py)
 
 
 def _write_manifest(cdir: Path, manifest: dict, point: str = "") -> None:

@@ -13,8 +13,9 @@ A method is one file with one `Method` value registered by name in `distil/metho
     or "none" (never, e.g. hard labels). `ctx.teacher()` loads it on first use.
   - `options`: the dataclass of the method's own recipe section (named `section`, e.g. `cache:`),
     validated, explained and fuzzed like every other section; `check(recipe, where)` adds cross-key checks.
-  - `prepare(ctx)`: builds or reopens an artifact (stored with a manifest and an identity, resumable and
-    refused when stale: `distil/methods/artifact.py`); the result is `ctx.artifact`.
+  - `prepare(ctx)`: builds or reopens an artifact (stored with a manifest and an identity, written with
+    `distil.atomic.write_atomic`, resumable, refused when stale: `methods/cache_store.py` is the model to
+    follow); the result is `ctx.artifact`.
   - `build(ctx) -> Stage`: the phases to train (each a `Phase`: one `Trainable` module holding every
     trainable part, a loss function, examples and per-step hooks) and `finalize` (the deliverable).
 
