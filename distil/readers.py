@@ -1,0 +1,164 @@
+"""Reading training data: files, `datasets` directories and built-in corpora -> a list of plain record dicts.
+
+.jsonl/.json are read with the standard library (errors name the line), .csv/.parquet and save_to_disk
+directories through `datasets`, .txt as blank-line-separated documents, `builtin:pydoc` from Python's own
+documentation (no download). Every problem is one DistilError line naming the file (and line or record).
+What the records mean (text, prompt/response, messages) is distil/data.py's business.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from distil.errors import DistilError
+
+READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def builtin_pydoc() -> list[dict]:
+    """Python's own documentation topics (stdlib `pydoc_data`): ~465k characters of English prose."""
+    from pydoc_data.topics import topics
+
+    return [{"text": topics[k].strip()} for k in sorted(topics) if topics[k].strip()]
+
+
+BUILTIN = {"pydoc": builtin_pydoc}
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (the user gets one line, never a dump)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause: `datasets` wraps the reader's real error in a generic one."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def read_records(source: str, max_records: int | None = None) -> list[dict]:
+    """Records as plain dicts from a file, a save_to_disk directory or a built-in corpus."""
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise DistilError(f"data.source: unknown built-in corpus {name!r}; available: "
+                              + ", ".join(f"builtin:{n}" for n in BUILTIN))
+        records = BUILTIN[name]()
+    else:
+        records = _read_path(Path(source))
+    if max_records is not None:
+        records = records[:max_records]
+    if not records:
+        raise DistilError(f"{source}: the dataset is empty (no records)")
+    return records
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DistilError(f"{path}: expected UTF-8 text, found undecodable bytes at byte {exc.start}") from None
+
+
+def _read_json(path: Path) -> list[dict]:
+    """JSON lines (.jsonl), or a JSON array of objects (.json, which may also hold JSON lines).
+
+    Read with the standard library rather than `datasets` so a bad line is reported by its number,
+    and records keep exactly the keys they were written with.
+    """
+    text = _read_text(path)
+    if not text.strip():
+        raise DistilError(f"{path}: the dataset is empty (only whitespace)")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if text.lstrip()[:1] == "[":
+                raise DistilError(f"{path}: line {exc.lineno}: could not parse as json ({exc.msg} at column "
+                                  f"{exc.colno})") from None
+            data = None  # several values: JSON lines in a .json file, as `datasets` accepts
+        if isinstance(data, dict):
+            data = [data]  # a single object is one record (as `datasets` reads it)
+        if isinstance(data, list):
+            for i, r in enumerate(data):
+                if not isinstance(r, dict):
+                    raise DistilError(f"{path}: record {i}: expected a JSON object, found {_json_type(r)}")
+            return data
+        if data is not None:
+            raise DistilError(f"{path}: expected a JSON array of record objects, found {_json_type(data)}")
+    records = []
+    # Split on "\n" only: str.splitlines also breaks at U+2028 and friends, which JSON strings may hold raw.
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DistilError(f"{path}: line {n}: could not parse as json ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(r, dict):
+            raise DistilError(f"{path}: line {n}: expected a JSON object (one record per line), found {_json_type(r)}")
+        records.append(r)
+    return records
+
+
+def _read_path(path: Path) -> list[dict]:
+    if path.is_dir():
+        if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+                or (path / "state.json").exists()):
+            raise DistilError(f"{path}: expected a data file or a directory saved with datasets' save_to_disk, "
+                              f"found a directory without dataset_info.json")
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+        try:
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            # Arrow files are memory-mapped: a corrupt one fails while rows are read, so read them here.
+            return [dict(r) for r in ds]
+        except Exception as exc:
+            raise DistilError(f"{path}: could not read the saved dataset ({type(exc).__name__}: "
+                              f"{_one_line(exc)})") from None
+    if not path.is_file():
+        raise DistilError(f"{path}: data file not found")
+    kind = READERS.get(path.suffix.lower())
+    if kind is None:
+        raise DistilError(f"{path}: unsupported data file type {path.suffix!r}; expected one of "
+                          + ", ".join(READERS))
+    if path.stat().st_size == 0:
+        raise DistilError(f"{path}: the dataset is empty (0 bytes)")
+    if kind == "json":
+        return _read_json(path)
+    if kind == "text":
+        # One document per blank-line-separated paragraph group keeps prose together.
+        return [{"text": t.strip()} for t in _read_text(path).split("\n\n") if t.strip()]
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    level = datasets.logging.get_verbosity()
+    # datasets logs its own multi-line error before raising; the user gets our one line instead.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        return [dict(r) for r in ds]
+    except Exception as exc:
+        cause = _root_cause(exc)
+        if isinstance(cause, UnicodeDecodeError):
+            raise DistilError(f"{path}: expected UTF-8 text, found undecodable bytes at byte {cause.start}") from None
+        raise DistilError(f"{path}: could not parse as {kind} ({_one_line(cause)})") from None
+    finally:
+        datasets.logging.set_verbosity(level)
