@@ -141,8 +141,28 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from distil.generation import GenParams
+    from distil.generation.sources import generate_file
+
+    _setup_quiet()
+    params = GenParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, min_p=args.min_p, n=args.n, seed=args.seed, stop=tuple(args.stop),
+                       chat=False if args.no_chat else None)
+    result, skipped = generate_file(args.model, args.prompts, args.out, params, backend=args.backend,
+                                    overrides=args.overrides, batch_size=args.batch_size, gguf_quant=args.gguf_quant,
+                                    threads=args.threads, overwrite=args.overwrite, progress=not args.no_progress)
+    if skipped:
+        print(skipped, file=sys.stderr)
+    truncated = sum(r["finish_reason"] == "length" for r in result.records)
+    print(f"wrote {args.out}: {len(result.records)} samples ({result.generated} generated now, {result.kept} kept "
+          f"from an earlier run; {truncated} cut at max_new_tokens), {result.new_tokens} new tokens in "
+          f"{result.seconds:.1f} s ({result.tokens_per_second:.1f} tokens/s)")
+    return 0
+
+
 VERBS = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval, "ls": cmd_ls, "demo": cmd_demo,
-         "export": cmd_export, "cache": cmd_cache}
+         "export": cmd_export, "cache": cmd_cache, "generate": cmd_generate}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +201,29 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--gguf", required=True, help="output .gguf path")
     x.add_argument("--quant", default="Q4_K_M", help="F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K_M, Q5_K_M, Q6_K")
     x.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile")
+
+    g = sub.add_parser("generate", help="generate completions of prompts into a resumable JSONL file")
+    g.add_argument("model", help="HF model directory, .gguf file, embedded:NAME, or a recipe (its teacher)")
+    g.add_argument("overrides", nargs="*", help="key.path=value overrides of the recipe")
+    g.add_argument("--prompts", required=True, help=".jsonl ({\"prompt\": ...} or {\"messages\": [...]}) or .txt")
+    g.add_argument("--out", required=True, help="output .jsonl (resumed when it exists; identity in OUT.meta.json)")
+    g.add_argument("--backend", choices=["hf", "llamacpp"], default="hf",
+                   help="hf: transformers, batched (default); llamacpp: llama-cpp-python on a GGUF")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("-n", "--n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--seed", type=int, default=0, help="sample (p, s) uses seed sample_seed(seed, p, s)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--no-chat", action="store_true", help="feed the raw prompt text, not the chat template")
+    g.add_argument("--batch-size", type=int, default=8, help="hf backend: prompts per batch")
+    g.add_argument("--gguf-quant", choices=["F16", "Q8_0"], default="F16",
+                   help="llamacpp backend, HF model: type of the one-off cached GGUF export")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (torch and llama.cpp)")
+    g.add_argument("--overwrite", action="store_true", help="start again instead of resuming OUT")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

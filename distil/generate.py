@@ -1,14 +1,19 @@
-"""Generation backends. `llamacpp`: run a GGUF file on the CPU through llama-cpp-python (an
-optional extra: `pip install distil[llamacpp]`), the same engine Ollama uses."""
+"""Generation backends (the implementation lives in the `distil.generation` package).
+
+`hf`: transformers, batched with the KV cache; `llamacpp`: a GGUF file on the CPU through
+llama-cpp-python (an optional extra: `pip install distil[llamacpp]`), the same engine Ollama uses.
+`llamacpp_chat` is the export stage's one-shot answer to `export.prompt`.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from distil.generation import GenerationResult, GenParams, LlamaCppModel, generate, read_prompts, sample_seed
+from distil.generation.llamacpp import available as llamacpp_available
 
-def llamacpp_available() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
+__all__ = ["GenParams", "GenerationResult", "LlamaCppModel", "generate", "read_prompts", "sample_seed",
+           "llamacpp_available", "llamacpp_chat"]
 
 
 def llamacpp_chat(gguf: str | Path, prompt: str, max_tokens: int = 32, n_ctx: int = 512) -> str:
