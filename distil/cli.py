@@ -5,6 +5,7 @@
   distil cache RECIPE [key=value ...]
   distil eval RUN_DIR_OR_RECIPE [key=value ...]
   distil export MODEL_DIR_OR_RUN --gguf OUT.gguf --quant Q4_K_M
+  distil generate MODEL_OR_RECIPE [key=value ...] --prompts FILE --out FILE.jsonl [--backend hf|llamacpp]
   distil ls
   distil demo [key=value ...]
 
