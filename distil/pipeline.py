@@ -182,7 +182,7 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
         check_run_dir(recipe, resume, overwrite)  # refuses before any expensive loading
 
     # Load and check everything first: bad input fails before anything is written.
-    needs_teacher = method.teacher == "train" or recipe.eval.enabled or recipe.student.source == "teacher"
+    needs_teacher = method.teacher_use(recipe) == "train" or recipe.eval.enabled or recipe.student.source == "teacher"
     teacher = load_teacher(recipe, device) if needs_teacher else None
     student = load_student(recipe, teacher, device)
     vocab = check_same_vocab(teacher, student) if teacher is not None else len(student.tokenizer)
@@ -212,7 +212,7 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
     echo(f"student: {count_params(student.model) / 1e6:.1f}M params; data: {len(train_ex)} train / "
          f"{len(eval_ex)} eval examples of <= {recipe.data.seq_len} tokens; method: {method.name}, loss: "
          f"{recipe.distill.loss}")
-    if method.teacher != "train" and not recipe.eval.enabled:
+    if method.teacher_use(recipe) != "train" and not recipe.eval.enabled:
         ctx.drop_teacher()  # it only built the student or the artifact: train without it in memory
 
     if acc.is_main_process:

@@ -9,6 +9,7 @@ What the records mean (text, prompt/response, messages) is distil/data.py's busi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,33 @@ def builtin_pydoc() -> list[dict]:
     return [{"text": topics[k].strip()} for k in sorted(topics) if topics[k].strip()]
 
 
-BUILTIN = {"pydoc": builtin_pydoc}
+def builtin_pydoc_qa() -> list[dict]:
+    """The same topics as prompt/response records: "Explain ... '<topic>'" -> the topic's first paragraph (at most
+    ~600 characters, cut at a sentence end). A prompt set that needs no download, for the methods where the
+    teacher writes the answers (SeqKD, synthetic data): their responses replace these references."""
+    from pydoc_data.topics import topics
+
+    records = []
+    for key in sorted(topics):
+        text = topics[key].strip()
+        if not text:
+            continue
+        paragraphs = [q.strip() for q in text.split("\n\n")]
+        # the first paragraph of prose: not a title underlined with *** / ===, not a one-liner or a code block
+        prose = [q for q in paragraphs if len(q) >= 80 and not re.search(r"^[*=~-]{3,}$", q, re.M)
+                 and not q.startswith((">>>", "   "))]
+        if not prose:
+            continue
+        first = " ".join(prose[0].split())
+        if len(first) > 600:
+            cut = first[:600].rfind(". ")
+            first = first[: cut + 1] if cut > 0 else first[:600]
+        name = key.replace("-", " ")
+        records.append({"prompt": f"Explain the Python topic '{name}' in a few sentences.", "response": first})
+    return records
+
+
+BUILTIN = {"pydoc": builtin_pydoc, "pydoc_qa": builtin_pydoc_qa}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -60,7 +60,7 @@ class DataSpec:
     """Training data: files or a built-in corpus, tokenized into training examples."""
 
     source: str = _f("builtin:pydoc", "A .jsonl/.json/.csv/.parquet/.txt file, a directory saved with "
-                     "datasets' save_to_disk, or 'builtin:pydoc' (Python's own documentation, no download).")
+                     "datasets' save_to_disk, 'builtin:pydoc' (Python's own documentation, no download) or 'builtin:pydoc_qa' (its topics as prompt/response records).")
     seq_len: int = _f(256, "Tokens per training example (plain text is packed into blocks of this length).", ge=8)
     pack: bool = _f(True, "Pack plain-text records into fixed-length blocks (separated by EOS).")
     chat_template: bool = _f(True, "Render prompt/response and messages records with the tokenizer's chat template.")
@@ -179,7 +179,7 @@ Recipe.__doc__ = "A whole run: teacher -> student -> data -> method + loss -> tr
 def _validate_cross(recipe: Recipe, where: str) -> None:
     """Checks that involve more than one key."""
     method = METHODS[recipe.distill.method]
-    if not recipe.teacher.source and method.teacher != "none":
+    if not recipe.teacher.source and method.teacher_use(recipe) != "none":
         raise DistilError(f"{where}: teacher.source: expected a model source for method "
                           f"{recipe.distill.method!r}, found nothing")
     if not recipe.student.source:

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 from distil.errors import DistilError, crash_point
 from distil.generation import hf, llamacpp
 from distil.generation.params import GenParams, sample_seed
-from distil.generation.prompts import Prompt, parse_record
+from distil.generation.prompts import Prompt, is_ids, parse_record
 from distil.generation.store import SampleStore
 
 
@@ -39,10 +39,10 @@ class GenerationResult:
 def _check_prompts(prompts: Iterable[Prompt]) -> list[Prompt]:
     checked = []
     for i, p in enumerate(prompts):
-        ok = parse_record({"prompt": p} if isinstance(p, str) else {"messages": p})
+        ok = parse_record({"prompt": p} if isinstance(p, str) else {"ids": p} if is_ids(p) else {"messages": p})
         if ok is None:
-            raise DistilError(f"generate: prompt {i}: expected a non-empty str or a list of "
-                              f"{{'role': str, 'content': str}} messages, found {str(p)[:60]!r}")
+            raise DistilError(f"generate: prompt {i}: expected a non-empty str, a list of "
+                              f"{{'role': str, 'content': str}} messages or of token ids, found {str(p)[:60]!r}")
         checked.append(ok)
     if not checked:
         raise DistilError("generate: expected at least one prompt, found none")

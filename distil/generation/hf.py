@@ -17,7 +17,7 @@ import torch
 
 from distil.errors import DistilError
 from distil.generation.params import GenParams
-from distil.generation.prompts import Prompt, as_messages
+from distil.generation.prompts import Prompt, as_messages, is_ids
 
 
 @dataclass
@@ -31,7 +31,9 @@ class Item:
 def render(tokenizer: Any, prompt: Prompt, chat: bool) -> list[int]:
     """Prompt token ids: through the chat template (with the assistant's generation prompt; the
     template decides about BOS, as apply_chat_template does) or as plain text (the tokenizer's own
-    special tokens, e.g. BOS)."""
+    special tokens, e.g. BOS). Token ids (a pre-rendered prompt) are used as they are."""
+    if is_ids(prompt):
+        return list(prompt)
     if chat:
         text = tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -16,7 +16,7 @@ from typing import Any
 
 from distil.errors import DistilError
 from distil.generation.params import GenParams
-from distil.generation.prompts import Prompt, as_messages
+from distil.generation.prompts import Prompt, as_messages, is_ids
 
 INSTALL = ("llama-cpp-python is not installed: pip install 'distil[llamacpp]' (or the prebuilt wheel: "
            "pip install --find-links ../shared/wheels llama-cpp-python==0.3.36)")
@@ -105,7 +105,10 @@ class LlamaCppModel:
 
 def render(model: LlamaCppModel, tokenizer: Any, prompt: Prompt, chat: bool) -> list[int]:
     """Prompt ids. With an HF tokenizer (an exported HF directory), exactly the hf backend's ids; for a
-    bare GGUF, the chat template stored in the file, rendered the way transformers renders it."""
+    bare GGUF, the chat template stored in the file, rendered the way transformers renders it. Token ids (a
+    pre-rendered prompt) are used as they are."""
+    if is_ids(prompt):
+        return list(prompt)
     if tokenizer is not None:
         from distil.generation.hf import render as hf_render
 

@@ -12,7 +12,13 @@ from typing import Any
 
 from distil.errors import DistilError
 
-Prompt = Any  # a str, or a list of {"role": str, "content": str} messages
+Prompt = Any  # a str, a list of {"role": str, "content": str} messages, or a list of token ids (pre-rendered)
+
+
+def is_ids(prompt: Any) -> bool:
+    """A pre-rendered prompt: token ids, used as they are (the methods pass the prompt part of their examples)."""
+    return isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                and t >= 0 for t in prompt)
 
 
 @dataclass
@@ -39,6 +45,8 @@ def parse_record(obj: Any) -> Prompt | None:
     """A prompt from one JSON record, or None when it has no usable prompt."""
     if not isinstance(obj, dict):
         return None
+    if "ids" in obj:
+        return list(obj["ids"]) if is_ids(obj["ids"]) else None
     if "messages" in obj:
         return [{"role": m["role"], "content": m["content"]} for m in obj["messages"]] \
             if _messages_ok(obj["messages"]) else None

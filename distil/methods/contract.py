@@ -156,12 +156,15 @@ class Method:
 
     name: str
     summary: str  # one line for `distil validate --explain` and the README
-    teacher: TeacherUse
+    teacher: TeacherUse | Callable[[Any], TeacherUse]  # or a function of the recipe (an option may need it)
     build: Callable[[Context], Stage]
     prepare: Optional[Callable[[Context], Any]] = None
     options: Optional[type] = None  # dataclass of the method's own recipe section
     section: Optional[str] = None  # its key in the recipe (defaults to the method's name)
     check: Optional[Callable[[Any, str], None]] = None  # cross-key checks at validation time
+
+    def teacher_use(self, recipe: Any) -> TeacherUse:
+        return self.teacher(recipe) if callable(self.teacher) else self.teacher
 
     @property
     def section_name(self) -> str | None:

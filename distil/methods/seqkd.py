@@ -1,0 +1,144 @@
+"""Sequence-level knowledge distillation (SeqKD, Kim & Rush 2016): the teacher's own output sequences replace the
+references. The teacher answers every training prompt (greedy by default: the mode of its sequence distribution,
+which Kim & Rush approximate with beam search), and the student learns those answers with plain cross-entropy;
+with `seqkd.token_kd` it also matches the teacher's token distributions on them ("word + sequence" KD, the
+`distill` section's loss and alpha), which keeps the teacher in memory while training.
+
+The prompts are the prompt parts of the training examples (their tokens before the first target), so prompt
+rendering, chat templates, BOS and the train/eval split are exactly `distil/data.py`'s; text-only data has no
+prompts and is refused. The teacher's answers are an artifact: `<output.dir>/<name>-seqkd/teacher.jsonl`, written
+by `distil.generate.generate` sample by sample with an identity sidecar (teacher weights, parameters, prompt ids),
+so an interrupted run resumes without duplicates and a corpus made by another teacher or with other parameters is
+refused, never reused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from distil.data import IGNORE, _eos
+from distil.errors import DistilError
+from distil.methods.contract import Context, Method, Phase, Stage, Trainable
+from distil.methods.hard_labels import build_hard_labels
+from distil.methods.offline import build_offline
+from distil.options import option
+
+
+@dataclass
+class SeqKDSpec:
+    """Sequence-level KD: the teacher's answers to the training prompts replace the references."""
+
+    max_new_tokens: int = option(128, "Longest teacher answer, in tokens (answers cut there are kept, without EOS, "
+                                 "and counted).", gt=0)
+    temperature: float = option(0.0, "0 = greedy (the teacher's most likely answer, SeqKD's choice); > 0 samples.",
+                                ge=0.0)
+    top_p: float = option(1.0, "Nucleus sampling (1 = off); with temperature > 0.", gt=0.0, le=1.0)
+    top_k: int = option(0, "Top-k sampling (0 = off); with temperature > 0.", ge=0)
+    n: int = option(1, "Answers per prompt (> 1 needs temperature > 0); each becomes a training example.", gt=0)
+    seed: int = option(0, "Seed of the teacher's sampling (per answer: see distil/generation/params.py).", ge=0,
+                       lt=2**32)
+    batch_size: int = option(8, "Prompts per teacher generation batch (transformers backend).", gt=0)
+    backend: Literal["hf", "llamacpp"] = option("hf", "Who runs the teacher's generation: transformers, or "
+                                                "llama.cpp (the teacher exported once to F16; much faster on CPU).")
+    token_kd: bool = option(False, "Also match the teacher's token distributions on its answers (word + sequence "
+                            "KD, with the distill section's loss, temperature and alpha); keeps the teacher in "
+                            "memory while training.")
+    dir: str = option("", "Where the teacher's answers go; empty = <output.dir>/<name>-seqkd (beside the run "
+                      "directory, so `--overwrite` keeps them).")
+
+
+def corpus_path(recipe: Any) -> Path:
+    base = Path(recipe.seqkd.dir) if recipe.seqkd.dir else Path(recipe.output.dir) / f"{recipe.name}-seqkd"
+    return base / "teacher.jsonl"
+
+
+def prompt_ids(example: dict, bos: int | None = None) -> list[int]:
+    """The prompt part of an example: its masked tokens before the first target; [] when it has none (text
+    records: every token is a target, or only a BOS precedes the first one)."""
+    labels, ids = example["labels"], example["input_ids"]
+    first = next((t for t, v in enumerate(labels) if v != IGNORE), None)
+    if not first:  # no target at all (None), or text whose first token is already a target (0)
+        return []
+    prefix = list(ids[:first])
+    return prefix if any(t != bos for t in prefix) else []
+
+
+def teacher_examples(prompts: list[list[int]], records: list[dict], tok: Any, seq_len: int) -> list[dict]:
+    """Training examples from the teacher's answers: prompt ids + answer ids (+ EOS when the teacher stopped),
+    only the answer (and its EOS) as targets, cut at seq_len."""
+    eos = _eos(tok)
+    out = []
+    for r in records:
+        ids = prompts[r["prompt_index"]]
+        answer = list(tok(r["completion"], add_special_tokens=False)["input_ids"])
+        if r["finish_reason"] == "stop":
+            answer.append(eos)  # the student learns to stop where the teacher stopped
+        ex = {"input_ids": (ids + answer)[:seq_len], "labels": ([IGNORE] * len(ids) + answer)[:seq_len]}
+        if any(v != IGNORE for v in ex["labels"][1:]):
+            out.append(ex)
+    return out
+
+
+def prepare(ctx: Context) -> list[dict]:
+    """The teacher answers every training prompt (resumably); returns the training examples made of its answers."""
+    from distil.generation.params import GenParams
+    from distil.generate import generate
+
+    spec = ctx.recipe.seqkd
+    bos = ctx.student.tokenizer.bos_token_id
+    prompts = [prompt_ids(e, bos) for e in ctx.train_examples]
+    if not any(prompts):
+        raise DistilError(f"data.source: method 'seqkd' needs prompts (prompt/response or messages records: the "
+                          f"teacher answers the prompts), found {ctx.recipe.data.source} with none")
+    keep = [i for i, p in enumerate(prompts) if p]
+    prompts = [prompts[i] for i in keep]
+    params = GenParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
+                       top_k=spec.top_k, n=spec.n, seed=spec.seed).check()
+    out = corpus_path(ctx.recipe)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DistilError(f"{out.parent}: seqkd.dir: cannot create the directory ({exc.strerror or exc})") from None
+    if ctx.main:
+        if spec.backend == "llamacpp":  # the teacher's GGUF (embedded or .gguf as is; an HF dir exported to F16)
+            from distil.generation.sources import load_for_backend
+
+            t = ctx.recipe.teacher
+            model, tok = load_for_backend({"source": t.source, "tokenizer": t.tokenizer}, "llamacpp")
+        else:
+            model, tok = ctx.teacher().model, ctx.teacher().tokenizer
+        result = generate(model, tok, prompts, params, out=out, batch_size=spec.batch_size,
+                          model_name=ctx.recipe.teacher.source)
+        cut = sum(r["finish_reason"] == "length" for r in result.records)
+        ctx.echo(f"seqkd: {len(result.records)} teacher answers in {out} ({result.kept} kept from an earlier run, "
+                 f"{result.generated} generated, {cut} cut at seqkd.max_new_tokens)")
+    ctx.wait()
+    records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    examples = teacher_examples(prompts, records, ctx.student.tokenizer, ctx.recipe.data.seq_len)
+    if not examples:
+        raise DistilError(f"{out}: the teacher's answers leave no training target (every answer is empty or cut "
+                          f"away by data.seq_len={ctx.recipe.data.seq_len})")
+    return examples
+
+
+def stage(ctx: Context) -> Stage:
+    if ctx.recipe.seqkd.token_kd:
+        loss_fn = build_offline(ctx.teacher().model, ctx.recipe.distill, ctx.vocab, echo=ctx.echo)
+    else:
+        loss_fn = build_hard_labels(vocab=ctx.vocab)
+    return Stage(phases=[Phase(name="seqkd", module=Trainable(ctx.student.model), loss_fn=loss_fn,
+                               examples=ctx.artifact)])
+
+
+METHOD = Method(
+    name="seqkd",
+    summary="sequence-level KD: the teacher's own answers to the training prompts replace the references "
+            "(seqkd.token_kd adds token-level KD on them)",
+    teacher=lambda recipe: "train" if recipe.seqkd.token_kd else "prepare",
+    prepare=prepare,
+    build=stage,
+    options=SeqKDSpec,
+)
