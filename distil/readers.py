@@ -38,11 +38,12 @@ def builtin_pydoc_qa() -> list[dict]:
             continue
         paragraphs = [q.strip() for q in text.split("\n\n")]
         # the first paragraph of prose: not a title underlined with *** / ===, not a one-liner or a code block
-        prose = [q for q in paragraphs if len(q) >= 80 and not re.search(r"^[*=~-]{3,}$", q, re.M)
-                 and not q.startswith((">>>", "   "))]
+        prose = [" ".join(q.split()) for q in paragraphs if not re.search(r"^[*=~-]{3,}$", q, re.M)
+                 and not q.startswith((">>>", "   ")) and "::=" not in q]  # no titles, code or grammar rules
+        prose = [q for q in prose if len(q) >= 80]
         if not prose:
             continue
-        first = " ".join(prose[0].split())
+        first = prose[0]
         if len(first) > 600:
             cut = first[:600].rfind(". ")
             first = first[: cut + 1] if cut > 0 else first[:600]
