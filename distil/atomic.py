@@ -14,6 +14,7 @@ from distil.errors import crash_point
 
 
 def fsync_dir(path: Path) -> None:
+    """fsync a directory (its entries: a rename in it becomes durable) or a file, by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from distil.atomic import fsync_dir
 from distil.errors import DistilError
 from distil.rng import (_apply_seed, _rng_setters, _select_rank,  # noqa: F401
                         capture_rng, gather_rng)
@@ -51,13 +52,7 @@ def _fail(where: Path, what: str) -> DistilError:
 
 # --- durability ---------------------------------------------------------------------------------
 
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's contents (for a directory: its entries) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync = fsync_dir  # flushes a file's or a directory's contents (for a directory: its entries) to the disk
 
 
 def _remove_dir(path: Path) -> None:

@@ -238,6 +238,18 @@ def dump_recipe(recipe: Recipe, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
 
 
+def leaf_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
+    """Every leaf key of a recipe class as a dotted path (`train.lr`, `cache.k` ...), method sections included."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(leaf_keys(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
 def explain(cls: type = Recipe, prefix: str = "") -> list[str]:
     """Every key with its type, default and help: the recipe reference."""
     lines = []

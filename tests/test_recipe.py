@@ -98,15 +98,9 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 
 def _leaf_keys(cls, prefix=""):
-    import dataclasses
-    import typing
+    from distil.recipe import leaf_keys
 
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            yield from _leaf_keys(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}"
+    return leaf_keys(cls, prefix)
 
 
 def test_explain_documents_every_key():

@@ -1,25 +1,14 @@
 """Every recipe key, core sections and method sections alike, answers a wrong value with one DistilError line
 that names the key path, never another exception (the recipe is untrusted input)."""
 
-import dataclasses
 import random
-import typing
 
 import pytest
 
 from distil.errors import DistilError
-from distil.recipe import Recipe, recipe_from_dict
+from distil.recipe import Recipe, leaf_keys, recipe_from_dict
 
 BAD_VALUES = ["a string", 3, -1, 2.5, float("inf"), float("nan"), True, None, [1, "x"], {"k": 1}, 2**70]
-
-
-def _leaves(cls, prefix=""):
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            yield from _leaves(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}"
 
 
 def _nested(path, value):
@@ -32,7 +21,7 @@ def _nested(path, value):
     return tree
 
 
-LEAVES = list(_leaves(Recipe))
+LEAVES = leaf_keys(Recipe)
 
 
 def test_method_sections_are_fuzzed_too():
