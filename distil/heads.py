@@ -11,7 +11,8 @@ and the methods fall back to the plain logits path (with one note) when it does 
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import torch
 
@@ -82,3 +83,21 @@ def fused_head_problem(model: Any, batch: dict | None = None) -> str | None:
         return (f"hidden @ W.T does not reproduce its logits (max difference {diff:.3g} at max |logit| {scale:.3g}; "
                 f"e.g. a logit scaling)")
     return None
+
+
+def stderr_note(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def choose_fused(enabled: bool, batch: dict, models: dict[str, Any], echo: Callable[[str], None] = stderr_note) -> bool:
+    """Whether a fused loss may run for these models ({"teacher": m, "student": m}), decided once per loss
+    function on its first batch: every model's head must reproduce its logits; the first that does not gives one
+    note and the plain logits path."""
+    if not enabled:
+        return False
+    for who, model in models.items():
+        problem = fused_head_problem(model, batch)
+        if problem:
+            echo(f"note: distill.fused: the {who}'s {problem}; computing the loss from full logits")
+            return False
+    return True

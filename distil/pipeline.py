@@ -239,7 +239,7 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
     results, table = None, None
     if recipe.eval.enabled:
         rows = {"student (before)": initial, f"student ({method.name})": final, **rows, **stage.eval_rows()}
-        teacher_model = ctx.teacher().model if ctx.has_teacher or recipe.teacher.source else None
+        teacher_model = ctx.teacher().model if recipe.teacher.source else None
         results = evaluate(teacher_model, rows, eval_ex, batch_size=recipe.eval.batch_size, pad_id=pad,
                            vocab=vocab, chunk_size=recipe.distill.chunk_size, device=device)
         params = {name: count_params(m) for name, m in rows.items()}
@@ -277,8 +277,7 @@ def export_student(recipe: Recipe, run_dir: Path, student_dir: Path | None, echo
 
 def write_report(run_dir: Path, recipe: Recipe, results: dict, params: dict, table: str) -> None:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    write_atomic(run_dir / "eval.json", json.dumps({"results": results, "params": params, "date": stamp},
-                                                         indent=2))
+    write_atomic(run_dir / "eval.json", json.dumps({"results": results, "params": params, "date": stamp}, indent=2))
     write_atomic(run_dir / "report.md",
-                       f"# {recipe.name}\n\n{stamp}. Method `{recipe.distill.method}`, loss `{recipe.distill.loss}`, "
-                       f"{recipe.train.steps} steps.\n\n```\n{table}\n```\n")
+                 f"# {recipe.name}\n\n{stamp}. Method `{recipe.distill.method}`, loss `{recipe.distill.loss}`, "
+                 f"{recipe.train.steps} steps.\n\n```\n{table}\n```\n")

@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from distil.atomic import write_atomic
 from distil.errors import DistilError
 
 FORMAT = 1
@@ -24,15 +25,6 @@ FORMAT = 1
 
 def meta_path(out: Path) -> Path:
     return out.with_name(out.name + ".meta.json")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _first_difference(made: dict, want: dict, prefix: str = "") -> str | None:
@@ -73,7 +65,7 @@ class SampleStore:
         if overwrite or not has_samples:
             if overwrite and path.exists():
                 path.unlink()
-            _write_atomic(meta, (json.dumps(self.identity, indent=1, sort_keys=True) + "\n").encode())
+            write_atomic(meta, (json.dumps(self.identity, indent=1, sort_keys=True) + "\n").encode())
             self._file = path.open("ab")
             return
         if not meta.is_file():
@@ -145,7 +137,7 @@ class SampleStore:
             self._file.close()
             self._file = None
             if self.order != canonical:
-                _write_atomic(self.path, b"".join(_line(self.records[k]) for k in canonical))
+                write_atomic(self.path, b"".join(_line(self.records[k]) for k in canonical))
         return [self.records[k] for k in canonical]
 
     def close(self) -> None:

@@ -8,7 +8,6 @@ resumable builds, identity checks) are in methods/cache_store.py.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -16,7 +15,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from distil.errors import DistilError
-from distil.heads import final_hidden, fused_head_problem, head_weights, shift
+from distil.heads import choose_fused, final_hidden, head_weights, shift, stderr_note
 from distil.losses import LossOutput
 from distil.methods.cache_store import (  # noqa: F401 (re-exported: the cache's public API lives here too)
     MANIFEST,
@@ -180,10 +179,6 @@ def with_index(examples: list[dict]) -> list[dict]:
 # The method
 
 
-def _stderr(text: str) -> None:
-    print(text, file=sys.stderr)
-
-
 def _shifted_logits(student: Any, batch: dict, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`shift(student(...).logits, labels)`, but with the head applied to positions 0..S-2 only when the model
     supports `logits_to_keep` (most HF causal LMs): the logits come out contiguous, so the loss walks them as
@@ -201,7 +196,7 @@ def _shifted_logits(student: Any, batch: dict, vocab: int) -> tuple[torch.Tensor
     return (logits if logits.shape[-1] == vocab else logits[..., :vocab]), batch["labels"][:, 1:]
 
 
-def build_cache(cache: TeacherCache, spec: Any, vocab: int, echo: Callable[[str], None] = _stderr) -> LossFn:
+def build_cache(cache: TeacherCache, spec: Any, vocab: int, echo: Callable[[str], None] = stderr_note) -> LossFn:
     """The loss function of method `cache`: forward KL from the cached top-k (distil/sparse.py); no teacher in
     memory. `spec` is the recipe's `distill` section. With `spec.fused`, the student's [tokens x V] logits never
     exist when its head reproduces its logits (checked once, on the first batch; else one note and full logits)."""
@@ -224,10 +219,7 @@ def build_cache(cache: TeacherCache, spec: Any, vocab: int, echo: Callable[[str]
         kw = dict(tail=cache.tail_mode, temperature=spec.temperature, cache_temperature=cache.temperature,
                   alpha=spec.alpha, num_items=num_items, chunk_size=spec.chunk_size)
         if fused["ok"] is None:
-            problem = fused_head_problem(unwrap(student), batch) if spec.fused else "fused: false"
-            if problem and spec.fused:
-                echo(f"note: distill.fused: the student's {problem}; computing the loss from full logits")
-            fused["ok"] = problem is None
+            fused["ok"] = choose_fused(spec.fused, batch, {"student": unwrap(student)}, echo)
         if fused["ok"]:
             # the student's [tokens x V] logits never exist: its last hidden states go through the head chunk by
             # chunk inside the loss (distil/fused.py), with the same sparse per-chunk math

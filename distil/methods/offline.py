@@ -8,24 +8,19 @@ here; method `cache` stores its top-k instead when that pays.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
 import torch
 
 from distil.fused import fused_distillation_loss, teacher_from_hidden
-from distil.heads import final_hidden, fused_head_problem, head_weights, shift
+from distil.heads import choose_fused, final_hidden, head_weights, shift, stderr_note
 from distil.losses import LossOutput, distillation_loss
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable, unwrap
 
 LossFn = Callable[[Any, dict, float], LossOutput]
 
 
-def _stderr(text: str) -> None:
-    print(text, file=sys.stderr)
-
-
-def build_offline(teacher: Any, spec: Any, vocab: int, echo: Callable[[str], None] = _stderr) -> LossFn:
+def build_offline(teacher: Any, spec: Any, vocab: int, echo: Callable[[str], None] = stderr_note) -> LossFn:
     """The loss function of method `offline`: `spec` is the recipe's `distill` section.
 
     With `spec.fused`, neither model's [tokens x vocab] logits ever exist: both are projected from hidden states
@@ -58,15 +53,7 @@ def build_offline(teacher: Any, spec: Any, vocab: int, echo: Callable[[str], Non
 
     def loss_fn(student: Any, batch: dict, num_items: float) -> LossOutput:
         if fused["ok"] is None:
-            fused["ok"] = False
-            if spec.fused:
-                for who, model in (("teacher", teacher), ("student", unwrap(student))):
-                    problem = fused_head_problem(model, batch)
-                    if problem:
-                        echo(f"note: distill.fused: the {who}'s {problem}; computing the loss from full logits")
-                        break
-                else:
-                    fused["ok"] = True
+            fused["ok"] = choose_fused(spec.fused, batch, {"teacher": teacher, "student": unwrap(student)}, echo)
         return (fused_loss if fused["ok"] else plain)(student, batch, num_items)
 
     return loss_fn

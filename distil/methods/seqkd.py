@@ -124,6 +124,14 @@ def prepare(ctx: Context) -> list[dict]:
     return examples
 
 
+def check(recipe: Any, where: str) -> None:
+    """Cross-key checks of method `seqkd`, at validation (before any model is loaded)."""
+    spec = recipe.seqkd
+    if spec.n > 1 and spec.temperature == 0:
+        raise DistilError(f"{where}: seqkd.n: greedy answers (seqkd.temperature: 0) are all the same; expected n: 1 "
+                          f"or a temperature > 0, found n: {spec.n}")
+
+
 def stage(ctx: Context) -> Stage:
     if ctx.recipe.seqkd.token_kd:
         loss_fn = build_offline(ctx.teacher().model, ctx.recipe.distill, ctx.vocab, echo=ctx.echo)
@@ -141,4 +149,5 @@ METHOD = Method(
     prepare=prepare,
     build=stage,
     options=SeqKDSpec,
+    check=check,
 )
