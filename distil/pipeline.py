@@ -240,7 +240,8 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
     if recipe.eval.enabled:
         rows = {"student (before)": initial, f"student ({method.name})": final, **rows, **stage.eval_rows()}
         teacher_model = ctx.teacher().model if recipe.teacher.source else None
-        results = evaluate(teacher_model, rows, eval_ex, batch_size=recipe.eval.batch_size, pad_id=pad,
+        held_out = stage.eval_examples if stage.eval_examples is not None else eval_ex
+        results = evaluate(teacher_model, rows, held_out, batch_size=recipe.eval.batch_size, pad_id=pad,
                            vocab=vocab, chunk_size=recipe.distill.chunk_size, device=device)
         params = {name: count_params(m) for name, m in rows.items()}
         if teacher_model is not None:

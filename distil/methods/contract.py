@@ -106,6 +106,9 @@ class Stage:
     finalize: Optional[Callable[[], torch.nn.Module]] = None
     # extra evaluation rows ({"student (peer 2)": model, ...}), evaluated with the others in one teacher pass
     eval_rows: Callable[[], dict[str, torch.nn.Module]] = field(default=lambda: {})
+    # the held-out examples every row is evaluated on; None = the recipe's held-out split (ctx.eval_examples).
+    # A teacher-data method may evaluate on the teacher's own answers to the held-out prompts instead.
+    eval_examples: Optional[list[dict]] = None
 
 
 # ----------------------------------------------------------------------------------------------
