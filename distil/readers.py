@@ -52,7 +52,47 @@ def builtin_pydoc_qa() -> list[dict]:
     return records
 
 
-BUILTIN = {"pydoc": builtin_pydoc, "pydoc_qa": builtin_pydoc_qa}
+def _first_prose(doc: str, skip_prefix: str = "") -> str:
+    """A docstring's first prose paragraph (not a signature line), whitespace-normalised, <= ~600 characters."""
+    for para in doc.split("\n\n"):
+        text = " ".join(para.split())
+        if len(text) >= 30 and not (skip_prefix and text.startswith(skip_prefix)):
+            if len(text) > 600:
+                cut = text[:600].rfind(". ")
+                text = text[: cut + 1] if cut > 0 else text[:600]
+            return text
+    return ""
+
+
+def builtin_python_qa() -> list[dict]:
+    """`builtin:pydoc_qa` plus questions about Python's built-in functions and types and the methods of str, list,
+    dict and set, each answered by its docstring's first prose paragraph: ~300 prompt/response records, no
+    download. The chat prompt set of the demo and of the teacher-data methods. (Docstrings come from the running
+    Python, so the references differ slightly between Python versions; the prompts are stable.)"""
+    import builtins
+    import inspect
+
+    records = builtin_pydoc_qa()
+    for name in sorted(dir(builtins)):
+        obj = getattr(builtins, name)
+        if name.startswith("_") or not callable(obj) or (isinstance(obj, type) and issubclass(obj, BaseException)):
+            continue
+        answer = _first_prose(inspect.getdoc(obj) or "", skip_prefix=f"{name}(")
+        if answer:
+            kind = "type" if isinstance(obj, type) else "function"
+            records.append({"prompt": f"What does the Python built-in {kind} `{name}` do?", "response": answer})
+    for owner in (str, list, dict, set):
+        for name in sorted(vars(owner)):
+            if name.startswith("_"):
+                continue
+            answer = _first_prose(inspect.getdoc(getattr(owner, name)) or "", skip_prefix=f"{owner.__name__}.")
+            if answer:
+                records.append({"prompt": f"What does the Python {owner.__name__} method `{name}` do?",
+                                "response": answer})
+    return records
+
+
+BUILTIN = {"pydoc": builtin_pydoc, "pydoc_qa": builtin_pydoc_qa, "python_qa": builtin_python_qa}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -60,7 +60,7 @@ class DataSpec:
     """Training data: files or a built-in corpus, tokenized into training examples."""
 
     source: str = _f("builtin:pydoc", "A .jsonl/.json/.csv/.parquet/.txt file, a directory saved with "
-                     "datasets' save_to_disk, 'builtin:pydoc' (Python's own documentation, no download) or 'builtin:pydoc_qa' (its topics as prompt/response records).")
+                     "datasets' save_to_disk, 'builtin:pydoc' (Python's own documentation, no download) 'builtin:pydoc_qa' (its topics as prompt/response records) or 'builtin:python_qa' (those + built-ins and str/list/dict/set methods, ~300 questions).")
     seq_len: int = _f(256, "Tokens per training example (plain text is packed into blocks of this length).", ge=8)
     pack: bool = _f(True, "Pack plain-text records into fixed-length blocks (separated by EOS).")
     chat_template: bool = _f(True, "Render prompt/response and messages records with the tokenizer's chat template.")

@@ -111,3 +111,16 @@ def test_builtin_pydoc_qa_is_prompts_with_prose_references():
     for r in records:
         assert r["prompt"].startswith("Explain the Python topic '") and 80 <= len(r["response"]) <= 600
         assert "***" not in r["response"] and "===" not in r["response"]  # prose, not an underlined title
+
+
+def test_builtin_python_qa_adds_builtins_and_methods_answered_by_their_docstrings():
+    from distil.readers import read_records
+
+    qa, topics = read_records("builtin:python_qa"), read_records("builtin:pydoc_qa")
+    assert qa[: len(topics)] == topics and len(qa) > len(topics) + 100
+    assert len({r["prompt"] for r in qa}) == len(qa)  # no question twice
+    by_prompt = {r["prompt"]: r["response"] for r in qa}
+    # the answer is the docstring's first prose paragraph, not its signature line
+    assert by_prompt["What does the Python built-in function `abs` do?"] == "Return the absolute value of the argument."
+    assert by_prompt["What does the Python set method `clear` do?"] == "Remove all elements from this set."
+    assert all(30 <= len(r["response"]) <= 600 for r in qa[len(topics):])
