@@ -149,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _setup_quiet()
     params = GenParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, min_p=args.min_p, n=args.n, seed=args.seed, stop=tuple(args.stop),
-                       chat=False if args.no_chat else None)
+                       num_beams=args.num_beams, chat=False if args.no_chat else None)
     result, skipped = generate_file(args.model, args.prompts, args.out, params, backend=args.backend,
                                     overrides=args.overrides, batch_size=args.batch_size, gguf_quant=args.gguf_quant,
                                     threads=args.threads, overwrite=args.overwrite, progress=not args.no_progress)
@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("-n", "--n", type=int, default=1, help="samples per prompt")
     g.add_argument("--seed", type=int, default=0, help="sample (p, s) uses seed sample_seed(seed, p, s)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search (hf backend, greedy only); 1 = off")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--no-chat", action="store_true", help="feed the raw prompt text, not the chat template")
     g.add_argument("--batch-size", type=int, default=8, help="hf backend: prompts per batch")

@@ -115,6 +115,33 @@ def test_eos_stops_and_max_new_tokens_is_length(lm):
     assert (cut["completion"], cut["finish_reason"], cut["completion_tokens"]) == (decode(tok, ids[:k]), "stop", k)
 
 
+def test_beam_search_finds_the_best_two_token_continuation(lm):
+    """num_beams=k, 2 new tokens: the answer is max over the k most likely first tokens t1 of
+    log p(t1) + max_t2 log p(t2 | t1) (a beam keeps exactly those k prefixes after step 1), computed by hand."""
+    model, tok = lm
+    k, beaten, checked = 3, 0, 0
+    eos = hfb.eos_ids(model, tok)
+    for prompt in PROMPTS + [f"{a} {b}" for a in ("one", "Two", "3 x") for b in ("cats", "?", "zz", "q")]:
+        ids = hfb.render(tok, prompt, True)
+        with torch.no_grad():
+            lp1 = model(torch.tensor([ids])).logits[0, -1].double().log_softmax(-1)
+            best, best_seq = -float("inf"), None
+            for t1 in lp1.topk(k).indices.tolist():
+                lp2 = model(torch.tensor([ids + [t1]])).logits[0, -1].double().log_softmax(-1)
+                score = float(lp1[t1] + lp2.max())
+                if score > best:
+                    best, best_seq = score, [t1, int(lp2.argmax())]
+        if any(t in eos for t in best_seq) or any(t in eos for t in lp1.topk(2 * k).indices.tolist()):
+            continue  # a finished hypothesis would be ranked by its own length: not this formula's case
+        beam = run(lm, [prompt], max_new_tokens=2, num_beams=k).records[0]
+        greedy = run(lm, [prompt], max_new_tokens=2).records[0]
+        assert beam["completion"] == decode(tok, best_seq) and beam["params"]["num_beams"] == k
+        beaten += beam["completion"] != greedy["completion"]
+        checked += 1
+        assert "num_beams" not in greedy["params"]  # identities written before beam search existed stay valid
+    assert checked >= 8 and beaten >= 1  # on at least one prompt the beam found a better sequence than greedy
+
+
 def test_sampling_filters_golden():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = lambda **kw: torch.isfinite(hfb.filter_logits(logits, GenParams(temperature=1.0, **kw)))[0].tolist()  # noqa: E731
@@ -151,7 +178,8 @@ def test_seeds_are_reproducible_and_per_sample(lm):
 
 def test_bad_params_are_one_line():
     for kw, word in [(dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"), (dict(n=2), "greedy"),
-                     (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop=("",)), "stop")]:
+                     (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop=("",)), "stop"),
+                     (dict(num_beams=0), "num_beams"), (dict(num_beams=2, temperature=0.7), "num_beams")]:
         with pytest.raises(DistilError, match=word):
             GenParams(**kw).check()
 
@@ -338,6 +366,9 @@ def test_llamacpp_backend_on_a_tiny_exported_gguf(model_dir, tmp_path, monkeypat
     got = [json.loads(line) for line in greedy.read_text().splitlines()]
     assert [(r["completion"], r["finish_reason"]) for r in got] == [(r["completion"], r["finish_reason"]) for r in want]
     assert len({r["completion"] for r in got}) == len(PROMPTS)
+    # beam search is the transformers backend's only: one line, exit 2, nothing written
+    assert main([*args[:6], "--num-beams", "3", "--no-progress", "--out", str(tmp_path / "b.jsonl")]) == 2
+    assert not (tmp_path / "b.jsonl").exists()
     # reproducible from the per-sample seeds, and resumable
     lines = out.read_bytes().splitlines(keepends=True)
     out.write_bytes(b"".join(lines[:3]) + lines[3][:10])

@@ -96,11 +96,13 @@ def test_bad_options_are_one_line(tmp_path, tiny_teacher, capsys):
     for override, needle in (("seqkd.n=0", "seqkd.n: expected a value > 0"),
                              ("seqkd.backend=vllm", "seqkd.backend: expected one of 'hf', 'llamacpp'"),
                              ("seqkd.temperature=-1", "seqkd.temperature: expected a value >= 0"),
-                             ("seqkd.n=2", "seqkd.n: greedy answers (seqkd.temperature: 0) are all the same")):
-        assert main(["validate", str(path), override]) == 2
+                             ("seqkd.n=2", "seqkd.n: greedy answers (seqkd.temperature: 0) are all the same"),
+                             ("seqkd.num_beams=4 seqkd.backend=llamacpp", "seqkd.num_beams: beam search needs")):
+        assert main(["validate", str(path), *override.split()]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
     assert main(["validate", str(path), "seqkd.n=2", "seqkd.temperature=0.7"]) == 0
+    assert main(["validate", str(path), "seqkd.num_beams=4"]) == 0
 
 
 def test_builtin_pydoc_qa_is_prompts_with_prose_references():

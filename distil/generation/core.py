@@ -82,6 +82,9 @@ def generate(model: Any, tokenizer: Any, prompts: Iterable[Prompt], params: GenP
         raise DistilError("generate: chat: the tokenizer has no chat template; turn chat off (--no-chat) to "
                           "generate from the raw prompt text")
     params = replace(params, chat=chat)
+    if llama and params.num_beams > 1:
+        raise DistilError(f"generate: num_beams: beam search runs in the transformers backend only (llama.cpp's "
+                          f"bindings have none); expected num_beams 1 with llama.cpp, found {params.num_beams}")
 
     if llama:
         all_ids = [llamacpp.render(model, tokenizer, p, chat) for p in prompts]

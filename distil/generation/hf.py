@@ -156,7 +156,10 @@ def generate_batch(model: Any, tokenizer: Any, items: list[Item], params: GenPar
     width = max(len(it.ids) for it in items)
     input_ids = torch.tensor([[pad_id] * (width - len(it.ids)) + it.ids for it in items])
     mask = torch.tensor([[0] * (width - len(it.ids)) + [1] * len(it.ids) for it in items])
-    config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=1,
+    # num_beams > 1: beam search (greedy only, checked by GenParams); length_penalty 1 ranks finished hypotheses by
+    # mean log-probability per token, early_stopping ends a row once num_beams hypotheses are finished
+    config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=params.num_beams,
+                              length_penalty=1.0, early_stopping=params.num_beams > 1,
                               eos_token_id=eos or None, pad_token_id=pad_id, use_cache=True)
     processors = LogitsProcessorList([] if params.greedy else [RowSampler(params, [it.seed for it in items])])
     criteria = StoppingCriteriaList([StopStrings(tokenizer, params.stop, width)] if params.stop else [])

@@ -41,6 +41,7 @@ class GenParams:
     n: int = 1
     seed: int = 0
     stop: tuple[str, ...] = field(default_factory=tuple)
+    num_beams: int = 1
     chat: bool | None = None  # None: render with the tokenizer's chat template when it has one
 
     @property
@@ -57,6 +58,7 @@ class GenParams:
             ("min_p", 0.0 <= self.min_p < 1.0, "in [0, 1)"),
             ("n", self.n >= 1, ">= 1"),
             ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),
+            ("num_beams", self.num_beams >= 1, ">= 1 (1 = no beam search)"),
         ]
         for name, ok, want in rules:
             if not ok:
@@ -67,10 +69,15 @@ class GenParams:
             # n identical copies would be silently wasted compute (and a useless 'diverse' corpus)
             raise DistilError(f"generate: n: greedy decoding (temperature 0) gives {self.n} identical samples; "
                               f"set a temperature > 0 or n = 1")
+        if self.num_beams > 1 and not self.greedy:
+            raise DistilError(f"generate: num_beams: beam search is deterministic; expected temperature 0 with "
+                              f"num_beams {self.num_beams}, found temperature {self.temperature}")
         return self
 
     def record(self) -> dict:
         """The JSON form stored with every sample (stop as a list)."""
         d = asdict(self)
         d["stop"] = list(self.stop)
+        if self.num_beams == 1:
+            del d["num_beams"]  # records and identities written before beam search existed stay valid
         return d

@@ -37,6 +37,8 @@ class SeqKDSpec:
                                 ge=0.0)
     top_p: float = option(1.0, "Nucleus sampling (1 = off); with temperature > 0.", gt=0.0, le=1.0)
     top_k: int = option(0, "Top-k sampling (0 = off); with temperature > 0.", ge=0)
+    num_beams: int = option(1, "Beam search width (1 = off; greedy only, transformers backend): the approximate "
+                            "mode of the teacher's sequence distribution that Kim & Rush train on.", ge=1)
     n: int = option(1, "Answers per prompt (> 1 needs temperature > 0); each becomes a training example.", gt=0)
     seed: int = option(0, "Seed of the teacher's sampling (per answer: see distil/generation/params.py).", ge=0,
                        lt=2**32)
@@ -96,7 +98,7 @@ def prepare(ctx: Context) -> list[dict]:
     keep = [i for i, p in enumerate(prompts) if p]
     prompts = [prompts[i] for i in keep]
     params = GenParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                       top_k=spec.top_k, n=spec.n, seed=spec.seed).check()
+                       top_k=spec.top_k, n=spec.n, seed=spec.seed, num_beams=spec.num_beams).check()
     out = corpus_path(ctx.recipe)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +132,9 @@ def check(recipe: Any, where: str) -> None:
     if spec.n > 1 and spec.temperature == 0:
         raise DistilError(f"{where}: seqkd.n: greedy answers (seqkd.temperature: 0) are all the same; expected n: 1 "
                           f"or a temperature > 0, found n: {spec.n}")
+    if spec.num_beams > 1 and (spec.temperature > 0 or spec.backend != "hf"):
+        raise DistilError(f"{where}: seqkd.num_beams: beam search needs seqkd.temperature: 0 and seqkd.backend: hf; "
+                          f"found temperature {spec.temperature}, backend {spec.backend}")
 
 
 def stage(ctx: Context) -> Stage:
