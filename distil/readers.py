@@ -8,6 +8,7 @@ What the records mean (text, prompt/response, messages) is distil/data.py's busi
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -92,7 +93,18 @@ def builtin_python_qa() -> list[dict]:
     return records
 
 
-BUILTIN = {"pydoc": builtin_pydoc, "pydoc_qa": builtin_pydoc_qa, "python_qa": builtin_python_qa}
+def builtin_task(source: str) -> list[dict]:
+    """`builtin:sum3` / `builtin:sum3_answers` (and the other tasks'): a verifiable task's train-side questions with
+    the gold chain of thought / the gold answer only (distil/eval/tasks.py, `source_records`)."""
+    from distil.eval.tasks import source_records  # here: distil.eval imports distil.data, which imports this module
+
+    return source_records(source)
+
+
+TASK_SOURCES = ("arithmetic", "arithmetic_answers", "sum3", "sum3_answers", "arithmetic_hard",
+                "arithmetic_hard_answers")  # = distil.eval.tasks.source_names() (tested), static to avoid the cycle
+BUILTIN = {"pydoc": builtin_pydoc, "pydoc_qa": builtin_pydoc_qa, "python_qa": builtin_python_qa,
+           **{name: functools.partial(builtin_task, name) for name in TASK_SOURCES}}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -237,3 +237,42 @@ def test_records_tokenize_with_the_response_as_the_only_target():
             targets = [i for i, label in zip(ex["input_ids"], ex["labels"]) if label != -100]
             response = record["response"] if "response" in record else record["messages"][1]["content"]
             assert tok.decode(targets) == response + end
+
+
+# -- built-in data sources ---------------------------------------------------------------------------------------------
+
+
+def test_builtin_sources_hold_train_side_questions_only():
+    """`builtin:sum3` / `builtin:sum3_answers`: the task's train side (by hash), so no eval question is ever in a
+    recipe's data; the same questions in both variants, gold CoT vs the answer line only."""
+    from distil.eval.tasks import SOURCE_QUESTIONS, source_names
+    from distil.readers import BUILTIN, TASK_SOURCES, read_records
+
+    assert tuple(source_names()) == TASK_SOURCES and set(TASK_SOURCES) <= set(BUILTIN)
+    task = TASKS["sum3"]
+    cot, answers = read_records("builtin:sum3"), read_records("builtin:sum3_answers")
+    assert len(cot) == len(answers) == SOURCE_QUESTIONS
+    train, held = task.split(SOURCE_QUESTIONS, 500, seed=0)
+    assert cot == [{"prompt": e.prompt, "response": e.response()} for e in train]
+    assert answers == [{"prompt": e.prompt, "response": f"#### {e.answer}"} for e in train]
+    questions = [r["prompt"][:-1] for r in cot]  # bare prompts: the question and '='
+    assert not any(task.is_eval(q) for q in questions)
+    assert not {e.prompt for e in held} & {r["prompt"] for r in cot}  # the eval split is disjoint
+    assert read_records("builtin:arithmetic", max_records=3) == TASKS["arithmetic"].records(3, 0, seed=0)[0]
+
+
+def test_builtin_source_through_a_recipes_split_keeps_eval_questions_out(tmp_path):
+    """Whatever data.eval_size holds out for the loss eval, the run's train examples hold no eval question."""
+    from distil.data import load_examples
+    from distil.recipe import DataSpec
+    from distil.testing import char_tokenizer
+
+    tok = char_tokenizer()
+    spec = DataSpec(source="builtin:sum3_answers", chat_template=False, seq_len=32, eval_size=50, max_records=400)
+    train, held = load_examples(spec, tok, seed=3)
+    assert len(train) == 350 and len(held) == 50
+    task = TASKS["sum3"]
+    for ex in train + held:
+        text = tok.decode(ex["input_ids"], skip_special_tokens=True)
+        question = text.split("=")[0]
+        assert not task.is_eval(question) and text.endswith(f"#### {python_value(question)}")

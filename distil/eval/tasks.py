@@ -351,6 +351,31 @@ TASKS: dict[str, Task] = {
 TaskName = Literal["arithmetic", "sum3", "arithmetic_hard"]
 
 
+# -- built-in data sources ---------------------------------------------------------------------------------------------
+
+SOURCE_QUESTIONS = 4000  # train-side questions in each built-in data source
+
+
+def source_names() -> list[str]:
+    """The `data.source: builtin:<name>` corpora of the tasks: `<task>` (gold CoT) and `<task>_answers` (gold
+    answer only) for every task in TASKS."""
+    return [f"{name}{suffix}" for name in TASKS for suffix in ("", "_answers")]
+
+
+def source_records(source: str) -> list[dict]:
+    """`builtin:<task>` / `builtin:<task>_answers`: the first SOURCE_QUESTIONS train-side questions of the task's
+    seed-0 stream as prompt/response records, with the gold rationale + answer line / the answer line only
+    ('#### 41'). Train side only, by the hash split: no eval question of the task is in any recipe's data, whatever
+    `data.eval_size` then holds out (those held-out examples are train-side questions the run does not train on);
+    accuracy is measured on `task.split(0, n_eval)`. The two variants hold the same questions in the same order,
+    so `data.max_records: N` gives both the same N questions."""
+    cot = not source.endswith("_answers")
+    name = source if cot else source[: -len("_answers")]
+    task = get_task(name)
+    train, _ = task.records(SOURCE_QUESTIONS, 0, seed=0, cot=cot)
+    return train
+
+
 def get_task(name: str, **knobs: object) -> Task:
     """The registered task `name`, with some knobs changed (`get_task("arithmetic", max_digits=3)`)."""
     if name not in TASKS:
