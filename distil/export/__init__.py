@@ -3,7 +3,9 @@
     from distil.export import export_gguf
     result = export_gguf("runs/demo/student", "runs/demo/export/student.gguf", "Q4_K_M")
 
-``gguf.py`` writes the file (config, metadata, tensor names), ``tensors.py`` reads safetensors
+``gguf.py`` writes the file (config, metadata, tensor names), ``archs.py`` is the table of what
+each architecture (llama, mistral, qwen2, qwen3, gemma3) adds, ``rope.py`` the rope keys and Llama 3's
+rope_freqs, ``tensors.py`` reads safetensors
 and encodes each tensor, ``kquants.py`` holds the Q4_K/Q5_K/Q6_K quantizers and the Q4_K_M /
 Q5_K_M tensor-type rules, ``vocab.py`` the tokenizer, ``ollama.py`` the Modelfile.
 """

@@ -1,7 +1,8 @@
 """Hugging Face model directory -> GGUF file that llama.cpp and Ollama load.
 
-The conversion convert_hf_to_gguf.py does for llama / mistral / qwen2, plus the tensor-type
-recipes of llama-quantize, in one streaming pass:
+The conversion convert_hf_to_gguf.py does for llama / mistral / qwen2 / qwen3 / gemma3 (what differs
+per family is the table in ``archs.py``; rope in ``rope.py``), plus the tensor-type recipes of
+llama-quantize, in one streaming pass:
 
 1. read config.json and the safetensors headers (``tensors.SafeTensors``: no pickle, no torch);
    check every tensor's shape against the config, which is where a pruned student with layers
@@ -10,7 +11,7 @@ recipes of llama-quantize, in one streaming pass:
    (``vocab.py``);
 3. stream the tensors: rename (``model.layers.3.self_attn.q_proj`` -> ``blk.3.attn_q``), pick
    the GGML type (``kquants.tensor_type``), and let ``tensors.Encoder`` permute Q/K rows for
-   llama's rotary layout and encode them in row chunks, in worker processes for big models;
+   llama's rotary layout, add Gemma's norm offset, and encode them in row chunks, in worker processes for big models;
    append them to the file in order. Peak memory stays near a few quantized tensors.
 
 The file is written under a temporary name in the target directory and renamed at the end, so
@@ -31,20 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from distil.errors import DistilError, crash_point
+from distil.export.archs import ARCHITECTURES, Arch, add_arch_metadata, text_config
 from distil.export.kquants import FILE_TYPE, QUANT_TYPES, tensor_type
+from distil.export.rope import read_rope
 from distil.export.tensors import Encoder, SafeTensors, cpus
 from distil.export.vocab import add_vocab, read_json_object, read_vocab
 
-#: HF model_type -> (GGUF architecture, Q/K rows permuted for llama.cpp's NORM rope). Mistral is
-#: a llama graph (convert_hf_to_gguf writes it as "llama" too); qwen2 uses NEOX rope and biases.
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
-
-_LAYER_MAP = {  # HF name inside model.layers.N -> GGUF name inside blk.N
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 _GLOBAL_MAP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _PARALLEL_MIN = 1 << 23  # models with fewer weights are encoded in this process (no fork)
 
@@ -83,46 +76,46 @@ def _config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise DistilError(f"{model_dir}: expected a Hugging Face model directory with config.json")
-    cfg = read_json_object(path)
-    model_type = cfg.get("model_type")
+    raw = read_json_object(path)
+    model_type = raw.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise DistilError(f"{path}: model_type {model_type!r} ({cfg.get('architectures')}) cannot "
+        raise DistilError(f"{path}: model_type {model_type!r} ({raw.get('architectures')}) cannot "
                           f"be exported; supported: {', '.join(ARCHITECTURES)}")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise DistilError(f"{path}: rope_scaling: expected an object or null, found {rope!r}")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        raise DistilError(f"{path}: rope scaling {rope_type!r} is not supported by the exporter "
-                          f"(supported: none, linear)")
+    arch = ARCHITECTURES[model_type]
+    cfg = text_config(raw, path)
     if cfg.get("mlp_bias"):
         raise DistilError(f"{path}: mlp_bias=true is not supported (llama.cpp's llama graph has "
                           f"no FFN biases)")
     n_head, hidden = _number(cfg, "num_attention_heads", path), _number(cfg, "hidden_size", path)
-    if rope_type == "linear":
-        _number(rope, "factor", path, integer=False)
-    return {
-        "path": path, "model_type": model_type, "n_layer": _number(cfg, "num_hidden_layers", path),
+    c = {
+        "path": path, "model_type": model_type, "arch": arch, "n_layer": _number(cfg, "num_hidden_layers", path),
         "hidden": hidden, "ffn": _number(cfg, "intermediate_size", path), "n_head": n_head,
         "n_kv": _number(cfg, "num_key_value_heads", path, n_head),
         "head_dim": _number(cfg, "head_dim", path, hidden // n_head),
         "vocab": _number(cfg, "vocab_size", path), "ctx": _number(cfg, "max_position_embeddings", path, 2048),
         "eps": _number(cfg, "rms_norm_eps", path, 1e-6, integer=False),
-        "theta": _number(rope, "rope_theta", path, _number(cfg, "rope_theta", path, 10000.0, integer=False),
-                         integer=False),
-        "rope_type": rope_type, "rope_factor": rope.get("factor"),
-        # llama, mistral and qwen2 configs all default to untied embeddings
-        "tied": bool(cfg.get("tie_word_embeddings", False)),
+        "tied": bool(cfg.get("tie_word_embeddings", arch.tied_default)),
+        "norm_offset": arch.norm_offset,
+        "extra_tensors": {},  # GGUF name -> float32 array computed from the config (rope_freqs)
     }
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    if not (isinstance(rope, dict) and "full_attention" in rope):  # per-layer-type rope: the family's hook
+        theta = _number(cfg, "rope_theta", path, 10000.0, integer=False)
+        c["rope"] = read_rope(rope, path, default_theta=float(theta), allowed=arch.rope_types)
+    if arch.config is not None:
+        arch.config(cfg, c, path)
+    if "rope" not in c:
+        raise DistilError(f"{path}: rope_parameters: per-layer-type rope is not supported for {model_type}")
+    return c
 
 
-def _gguf_name(hf: str) -> str | None:
+def _gguf_name(hf: str, arch: Arch) -> str | None:
     base, _, suffix = hf.rpartition(".")
     if base in _GLOBAL_MAP:
         return f"{_GLOBAL_MAP[base]}.{suffix}"
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", base)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{suffix}"
+    if m and m.group(2) in arch.layers:
+        return f"blk.{m.group(1)}.{arch.layers[m.group(2)]}.{suffix}"
     return None
 
 
@@ -130,7 +123,9 @@ def _expected_shape(gname: str, c: dict) -> tuple[int, ...]:
     h, q, kv = c["hidden"], c["n_head"] * c["head_dim"], c["n_kv"] * c["head_dim"]
     kind = gname.split(".")[-2] if gname.startswith("blk.") else gname.split(".")[0]
     weight = {"token_embd": (c["vocab"], h), "output": (c["vocab"], h), "output_norm": (h,),
-              "attn_norm": (h,), "ffn_norm": (h,), "attn_q": (q, h), "attn_k": (kv, h),
+              "attn_norm": (h,), "ffn_norm": (h,), "post_attention_norm": (h,), "post_ffw_norm": (h,),
+              "attn_q_norm": (c["head_dim"],), "attn_k_norm": (c["head_dim"],),
+              "rope_freqs": (c["head_dim"] // 2,), "attn_q": (q, h), "attn_k": (kv, h),
               "attn_v": (kv, h), "attn_output": (h, q), "ffn_gate": (c["ffn"], h),
               "ffn_up": (c["ffn"], h), "ffn_down": (h, c["ffn"])}[kind]
     return weight if gname.endswith(".weight") else weight[:1]
@@ -139,10 +134,15 @@ def _expected_shape(gname: str, c: dict) -> tuple[int, ...]:
 def _plan(st: SafeTensors, c: dict) -> list[tuple[str, str]]:
     """(hf_name, gguf_name) in GGUF order; refuses unknown tensors and non-uniform widths."""
     plan, problems = [], []
+    arch: Arch = c["arch"]
+    for name, array in c["extra_tensors"].items():
+        st.add_array(name, array)
     for hf in st.entries:
-        if hf.endswith("rotary_emb.inv_freq") or (c["tied"] and hf == "lm_head.weight"):
-            continue  # recomputed by llama.cpp / the same matrix as the embedding
-        g = _gguf_name(hf)
+        canonical = arch.rename(hf) if arch.rename is not None else hf
+        if canonical is None or canonical.endswith("rotary_emb.inv_freq") or \
+                (c["tied"] and canonical == "lm_head.weight"):
+            continue  # not part of the text model / recomputed by llama.cpp / the embedding again
+        g = hf if hf in c["extra_tensors"] else _gguf_name(canonical, arch)
         if g is None:
             raise DistilError(f"{c['path'].parent}: unexpected tensor {hf} for a "
                               f"{c['model_type']} model (no GGUF name for it)")
@@ -161,14 +161,13 @@ def _plan(st: SafeTensors, c: dict) -> list[tuple[str, str]]:
     names = {g for _, g in plan}
     need = {"token_embd.weight", "output_norm.weight"} | {
         f"blk.{i}.{t}.weight" for i in range(c["n_layer"])
-        for t in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                  "ffn_gate", "ffn_up", "ffn_down")}
+        for t in arch.required}
     if not c["tied"]:
         need.add("output.weight")
     if missing := sorted(need - names):
         raise DistilError(f"{c['path'].parent}: missing tensors {missing[:3]} "
                           f"({len(missing)} in all) for a {c['n_layer']}-layer model")
-    order = {"token_embd": 0, "output_norm": 1, "output": 2}
+    order = {"rope_freqs": -1, "token_embd": 0, "output_norm": 1, "output": 2}
 
     def key(item):  # global tensors first, then layer by layer: llama.cpp's own order
         g = item[1]
@@ -190,18 +189,13 @@ def _add_metadata(w, c: dict, quant: str, name: str) -> None:
     w.add_feed_forward_length(c["ffn"])
     w.add_head_count(c["n_head"])
     w.add_head_count_kv(c["n_kv"])
-    w.add_rope_freq_base(float(c["theta"]))
     w.add_layer_norm_rms_eps(float(c["eps"]))
     w.add_vocab_size(c["vocab"])
     w.add_rope_dimension_count(c["head_dim"])
-    if c["head_dim"] * c["n_head"] != c["hidden"]:
+    if c["head_dim"] * c["n_head"] != c["hidden"] or c["arch"].head_dim_keys:
         w.add_key_length(c["head_dim"])
         w.add_value_length(c["head_dim"])
-    if c["rope_type"] == "linear":
-        from gguf import RopeScalingType
-
-        w.add_rope_scaling_type(RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(c["rope_factor"]))
+    add_arch_metadata(w, c["arch"], c)
 
 
 def _add_tensor_infos(w, st: SafeTensors, plan, types) -> None:
@@ -287,7 +281,8 @@ def export_gguf(model_dir, out_path, quant: str = "Q4_K_M", *, modelfile: bool =
     if out_path.is_dir():
         raise DistilError(f"{out_path}: expected a .gguf file path, found a directory")
     c = _config(model_dir)
-    arch, permute = ARCHITECTURES[c["model_type"]]
+    arch: Arch = c["arch"]
+    permute = arch.permute_qk
     st = SafeTensors(model_dir)
     plan = _plan(st, c)
     vocab = read_vocab(model_dir, c["vocab"], pre_tokenizer)
@@ -307,7 +302,7 @@ def export_gguf(model_dir, out_path, quant: str = "Q4_K_M", *, modelfile: bool =
     crash_point("export:temp-created")
     w, encoder = None, None
     try:
-        w = GGUFWriter(tmp, arch)
+        w = GGUFWriter(tmp, arch.gguf)
         encoder = Encoder([(st, hf, g, qt, c, permute) for (hf, g), qt in zip(plan, types)], workers)
         _add_metadata(w, c, quant, name or model_dir.name)
         info = add_vocab(w, model_dir, vocab, c["vocab"])

@@ -4,7 +4,9 @@ Ollama guesses a chat template from the GGUF's jinja template and sometimes gues
 the Modelfile states it: ``TEMPLATE`` in Ollama's Go text/template syntax (``.System``,
 ``.Messages``, ``.Prompt``, ``.Response``), the ``stop`` strings that end a turn, and the
 default system prompt when the jinja template hard-codes one (SmolLM2's does). Recognised
-template families: ChatML (SmolLM2, Qwen), Llama 3 headers, and Llama 2 / Mistral ``[INST]``.
+template families: ChatML (SmolLM2, Qwen 2/3), Llama 3 headers, Gemma turns (``<start_of_turn>``,
+no system role: a system prompt opens the first user turn, as Gemma's own template does) and
+Llama 2 / Mistral ``[INST]``.
 A model without a chat template gets a plain completion template.
 
 Use it with ``ollama create NAME -f OUT.Modelfile`` (the file sits next to ``OUT.gguf``).
@@ -48,9 +50,23 @@ _INST = '''{{- range $i, $_ := .Messages }}
 {{- end }}
 {{- end }}'''
 
+_GEMMA = '''{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 -}}
+{{- if eq .Role "assistant" }}<start_of_turn>model
+{{ .Content }}<end_of_turn>
+{{ else }}<start_of_turn>user
+{{ if and $.System (eq $i 0) }}{{ $.System }}
+
+{{ end }}{{ .Content }}<end_of_turn>
+{{ end }}
+{{- if and $last (ne .Role "assistant") }}<start_of_turn>model
+{{ end }}
+{{- end }}'''
+
 _FAMILIES = [  # (marker in the jinja template, Go template, stop strings)
     ("<|im_start|>", _CHATML, ["<|im_start|>", "<|im_end|>"]),
     ("<|start_header_id|>", _LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    ("<start_of_turn>", _GEMMA, ["<start_of_turn>", "<end_of_turn>"]),
     ("[INST]", _INST, ["[INST]", "[/INST]", "</s>"]),
 ]
 

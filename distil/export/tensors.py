@@ -102,6 +102,13 @@ class SafeTensors:
                 self.entries[name] = (f, info["dtype"], tuple(info["shape"]),
                                       start + info["data_offsets"][0])
 
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def add_array(self, name: str, array: np.ndarray) -> None:
+        """A tensor computed from the config (llama 3's rope_freqs), exported like the file's own."""
+        self.arrays[name] = np.ascontiguousarray(array, np.float32)
+        self.entries[name] = (Path(name), "F32", tuple(array.shape), 0)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][2]
 
@@ -110,6 +117,8 @@ class SafeTensors:
         f, dtype, shape, offset = self.entries[name]
         shape = shape or (1,)
         stop = shape[0] if stop is None else stop
+        if name in self.arrays:
+            return self.arrays[name].reshape(shape)[start:stop]
         row = int(np.prod(shape[1:], dtype=np.int64))
         np_dtype = np.dtype(_ST_DTYPES[dtype])
         with open(f, "rb") as fh:
@@ -179,7 +188,8 @@ def permute_rows(n_rows: int, n_head: int) -> np.ndarray:
 
 
 def _encoded(st: SafeTensors, hf: str, gname: str, qtype: str, c: dict, permute: bool):
-    """The GGUF payload of one tensor: read, permuted if Q/K of llama, encoded in row chunks."""
+    """The GGUF payload of one tensor: read, permuted if Q/K of llama, shifted if a Gemma norm
+    (HF's x * (1 + w) is llama.cpp's x * w' with w' = w + 1, added in float32), encoded in row chunks."""
     shape = st.shape(hf)
     if permute and (".attn_q." in gname or ".attn_k." in gname):
         heads = c["n_head"] if ".attn_q." in gname else c["n_kv"]
@@ -191,6 +201,8 @@ def _encoded(st: SafeTensors, hf: str, gname: str, qtype: str, c: dict, permute:
     for x in chunks:
         if not np.isfinite(x).all():
             raise DistilError(f"{st.entries[hf][0]}: tensor {hf} contains nan or inf")
+        if c.get("norm_offset") and gname.endswith("norm.weight"):
+            x = x + np.float32(c["norm_offset"])
         parts.append(quantize_tensor(x if len(shape) > 1 else x.reshape(-1), qtype))
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_export import SMOLLM2, build_model, make_bpe_tokenizer, make_spm_tokenizer, require
+from helpers_export import (SMOLLM2, build_model, make_bpe_tokenizer, make_gemma_tokenizer, make_spm_tokenizer,
+                            require)
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +31,8 @@ def tokenizer_dir(tmp_path_factory):
                 make_bpe_tokenizer(kind, d)
             elif kind in ("spm", "spm-json"):
                 make_spm_tokenizer(d, keep_model=kind == "spm")
+            elif kind == "gemma":
+                make_gemma_tokenizer(d)
             elif kind == "chars":
                 from distil.testing import char_tokenizer
 
@@ -46,7 +49,7 @@ def model_dir(tmp_path_factory, tokenizer_dir):
     made: dict[tuple, Path] = {}
 
     def get(arch: str = "llama", tied: bool = True, tok: str = "gpt2", **kw) -> Path:
-        key = (arch, tied, tok, tuple(sorted(kw.items())))
+        key = (arch, tied, tok, json.dumps(kw, sort_keys=True))  # values may be lists / dicts
         if key not in made:
             d = tmp_path_factory.mktemp(f"{arch}-{'tied' if tied else 'untied'}-{tok}")
             made[key] = build_model(d, tokenizer_dir(tok), arch, tied, **kw)

@@ -83,6 +83,15 @@ def make_bpe_tokenizer(kind: str, out: Path):
     tok.save_pretrained(out)
 
 
+def _merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges of a SentencePiece vocabulary, ordered as transformers' SentencePieceExtractor orders them
+    (it needs protobuf, absent here)."""
+    merges = sorted(((piece[:k], piece[k:], i) for piece, i in vocab.items()
+                     for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab),
+                    key=lambda m: (m[2], vocab[m[0]], vocab[m[1]]))
+    return [(a, b) for a, b, _ in merges]
+
+
 def make_spm_tokenizer(out: Path, keep_model: bool):
     """A SentencePiece BPE model (byte fallback) and the tokenizer.json transformers makes of it."""
     import sentencepiece as spm
@@ -96,11 +105,7 @@ def make_spm_tokenizer(out: Path, keep_model: bool):
         remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True)
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    # merges as transformers' SentencePieceExtractor orders them (it needs protobuf, absent here)
-    merges = sorted(((piece[:k], piece[k:], i) for piece, i in vocab.items()
-                     for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab),
-                    key=lambda m: (m[2], vocab[m[0]], vocab[m[1]]))
-    tok = LlamaTokenizer(vocab=vocab, merges=[(a, b) for a, b, _ in merges])
+    tok = LlamaTokenizer(vocab=vocab, merges=_merges(vocab))
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + "
                          "m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + '</s>' }}"
                          "{% endif %}{% endfor %}")
@@ -109,17 +114,50 @@ def make_spm_tokenizer(out: Path, keep_model: bool):
         (out / "tokenizer.model").write_bytes(buf.getvalue())
 
 
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' "
+                  "else m['role'] %}{{ '<start_of_turn>' + role + '\n' + m['content'] + '<end_of_turn>\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def make_gemma_tokenizer(out: Path):
+    """Gemma's kind of tokenizer, small: a SentencePiece BPE (byte fallback, no dummy space prefix) with
+    Gemma's special ids (pad 0, eos 1, bos 2, unk 3, mask 4) and turn markers, loaded the way
+    transformers loads Gemma's (GemmaTokenizer: spaces -> U+2581, BOS added) with Gemma's chat template."""
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()), model_writer=buf, vocab_size=512, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=False,
+        num_threads=1, minloglevel=2, max_sentence_length=100000, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    tok = GemmaTokenizer(vocab=vocab, merges=_merges(vocab), add_bos_token=True,
+                         additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tok.chat_template = GEMMA_TEMPLATE
+    tok.save_pretrained(out)
+
+
 def build_model(path: Path, tok_dir: Path, arch: str = "llama", tied: bool = True,
                 hidden: int = 64, layers: int = 2, ffn: int | None = None, heads: int = 4,
                 kv_heads: int = 2, vocab_pad: int = 0, seed: int = 0, init_std: float = 0.02,
                 bias_std: float = 0.1, **config) -> Path:
     """A random model (weights rounded to fp16 values) + tokenizer as an HF directory."""
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig,
-                              Qwen2Config)
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig,
+                              MistralConfig, Qwen2Config, Qwen3Config)
 
     n_tok = len(AutoTokenizer.from_pretrained(tok_dir))
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "gemma3": Gemma3TextConfig}[arch]
     extra = {"sliding_window": None} if arch == "mistral" else {}
+    if arch in ("qwen3", "gemma3"):  # their configs default to head_dim 128 / 256
+        extra["head_dim"] = hidden // heads
+    if arch == "gemma3":  # llama.cpp scales queries by 1/sqrt(head_dim)
+        extra["query_pre_attn_scalar"] = hidden // heads
     extra.update(config)
     cfg = cls(vocab_size=n_tok + vocab_pad, hidden_size=hidden, intermediate_size=ffn or 2 * hidden,
               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -129,7 +167,8 @@ def build_model(path: Path, tok_dir: Path, arch: str = "llama", tied: bool = Tru
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:  # make biases and norms matter
+            if name.endswith("bias") or "norm" in name:  # make biases and norms matter (Gemma's norms
+                # are x * (1 + w), initialised at w = 0: the +1 stored by the exporter then shows)
                 p.add_(torch.randn_like(p) * (bias_std if name.endswith("bias") else 0.1))
             p.copy_(p.half().float())
     model.save_pretrained(path, safe_serialization=True)
