@@ -269,6 +269,19 @@ def pack_text(tok: Any, texts: Iterable[str], seq_len: int, pack: bool) -> list[
     return out
 
 
+def _question(record: dict, kind: str) -> str:
+    """What a supervised record asks: its prompt, or the last user message before the first assistant turn."""
+    if kind != "messages":
+        return str(record["prompt"])
+    asked = ""
+    for m in record["messages"]:
+        if m.get("role") == "assistant":
+            break
+        if m.get("role") == "user":
+            asked = str(m.get("content", ""))
+    return asked
+
+
 def build_examples(records: list[dict], tok: Any, seq_len: int, pack: bool = True, chat_template: bool = True,
                    source: str = "data") -> list[dict]:
     kinds = [record_kind(r, f"{source}: record {i}") for i, r in enumerate(records)]
@@ -283,6 +296,7 @@ def build_examples(records: list[dict], tok: Any, seq_len: int, pack: bool = Tru
         for i, r in enumerate(records):
             ex = encode_supervised(tok, r, kind, chat_template, f"{source}: record {i}")
             ex = {k: v[:seq_len] for k, v in ex.items()}
+            ex["question"] = _question(r, kind)  # for printing answers to held-out prompts (eval.answers)
             if any(v != IGNORE for v in ex["labels"][1:]):
                 examples.append(ex)
     if not examples and kind == "text":

@@ -14,6 +14,7 @@ from pathlib import Path
 from distil import data as data_mod
 from distil.checkpoint import list_checkpoints
 from distil.errors import DistilError
+from distil.eval.answers import format_answers, format_task, generation_eval
 from distil.eval.metrics import evaluate, format_table
 from distil.methods.contract import Trainable
 from distil.models import check_same_vocab, count_params, load_model, load_student, load_teacher
@@ -80,12 +81,22 @@ def evaluate_target(target: str, overrides: list[str], student_dir: str | None =
                        pad_id=data_mod.pad_id(teacher.tokenizer), vocab=vocab, chunk_size=recipe.distill.chunk_size)
     params = {name: count_params(m) for name, m in rows.items()}
     params["teacher"] = count_params(teacher.model)
+    before: dict = {}
     if run_dir is not None:
         before = _previous(run_dir)
         old_results, old_params = before.get("results") or {}, before.get("params") or {}
         results = {**old_results, **results}  # recorded rows keep their place; recomputed ones are refreshed
         params = {**old_params, **params}
     table = format_table(results, params)
+    generation = {}
+    if recipe.eval.answers or recipe.eval.task:  # what each row writes, recomputed like the numbers
+        generation = generation_eval(recipe, {"teacher": teacher.model, **rows}, teacher.tokenizer, eval_ex)
+        if run_dir is not None and isinstance(before.get("generation"), dict):
+            old_gen = before["generation"]
+            if "task" in generation and isinstance(old_gen.get("task"), dict) and \
+                    old_gen["task"].get("name") == generation["task"]["name"]:
+                generation["task"]["rows"] = {**(old_gen["task"].get("rows") or {}), **generation["task"]["rows"]}
     if run_dir is not None:
-        write_report(run_dir, recipe, results, params, table)
-    return table
+        write_report(run_dir, recipe, results, params, table, generation)
+    blocks = [b for b in (format_answers(generation), format_task(generation)) if b]
+    return "\n".join([table, *blocks])

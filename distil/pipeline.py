@@ -22,6 +22,7 @@ import yaml
 
 from distil import data as data_mod
 from distil.errors import DistilError, crash_point
+from distil.eval.answers import format_answers, format_task, generation_eval, held_out_prompts
 from distil.eval.metrics import evaluate, format_table
 from distil.methods import METHODS
 from distil.methods.contract import Context, Phase, Trainable
@@ -199,6 +200,9 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
             raise DistilError(f"export.enabled: the student's architecture {model_type!r} cannot be exported to "
                               f"GGUF; supported: {', '.join(ARCHITECTURES)}")
     train_ex, eval_ex = data_mod.load_examples(recipe.data, student.tokenizer, recipe.seed)
+    if recipe.eval.enabled and recipe.eval.answers and not held_out_prompts(eval_ex, student.tokenizer, 1):
+        raise DistilError(f"eval.answers: the held-out examples of {recipe.data.source} have no prompts (text "
+                          f"records); expected prompt/response or messages records, or eval.answers: 0")
     pad = data_mod.pad_id(student.tokenizer)
     run_dir = Path(recipe.output.dir) / recipe.name
     ctx = Context(recipe=recipe, student=student, train_examples=train_ex, eval_examples=eval_ex, vocab=vocab,
@@ -236,7 +240,7 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
         student_dir = save_student(Loaded(final, student.tokenizer, student.source, student.path),
                                    run_dir / "student")
     crash_point("run:saved-student")
-    results, table = None, None
+    results, table, generation = None, None, {}
     if recipe.eval.enabled:
         rows = {"student (before)": initial, f"student ({method.name})": final, **rows, **stage.eval_rows()}
         teacher_model = ctx.teacher().model if recipe.teacher.source else None
@@ -247,15 +251,23 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
         if teacher_model is not None:
             params["teacher"] = count_params(teacher_model)
         table = format_table(results, params)
-        write_report(run_dir, recipe, results, params, table)
         echo(table)
+        if recipe.eval.answers or recipe.eval.task:  # what each row writes (answers, task accuracy, diversity)
+            generation = generation_eval(recipe, {**({"teacher": teacher_model} if teacher_model is not None else {}),
+                                                  **rows}, student.tokenizer, held_out)
+            for block in (format_answers(generation), format_task(generation)):
+                if block:
+                    echo(block)
+        write_report(run_dir, recipe, results, params, table, generation)
     if recipe.export.enabled:
-        export_student(recipe, run_dir, student_dir, echo)
+        export_student(recipe, run_dir, student_dir, echo, generation)
     return RunResult(run_dir=run_dir, eval=results, student_dir=student_dir, table=table)
 
 
-def export_student(recipe: Recipe, run_dir: Path, student_dir: Path | None, echo: Any = print) -> Path:
-    """The `export:` stage: the saved student -> GGUF (+ Modelfile), and llama.cpp's answer to a prompt."""
+def export_student(recipe: Recipe, run_dir: Path, student_dir: Path | None, echo: Any = print,
+                   generation: dict | None = None) -> Path:
+    """The `export:` stage: the saved student -> GGUF (+ Modelfile), and llama.cpp's answers: to `export.prompt`,
+    and to the held-out prompts of eval.answers, printed beside the teacher's answers to them."""
     from distil.export import export_gguf
     from distil.generate import llamacpp_available, llamacpp_chat
 
@@ -267,18 +279,44 @@ def export_student(recipe: Recipe, run_dir: Path, student_dir: Path | None, echo
     result = export_gguf(student_dir, out, spec.quant, modelfile=spec.modelfile, name=recipe.name)
     echo(f"exported {result.path} ({spec.quant}, {result.size_bytes / 1e6:.1f} MB)"
          + (f"; Ollama: ollama create {recipe.name} -f {result.modelfile}" if result.modelfile else ""))
+    held_out = (generation or {}).get("prompt_ids")
+    if not (spec.prompt or held_out):
+        return Path(result.path)
+    if not llamacpp_available():
+        echo("llama-cpp-python is not installed: skipping the llama.cpp answers (pip install distil[llamacpp])")
+        return Path(result.path)
     if spec.prompt:
-        if llamacpp_available():
-            answer = llamacpp_chat(result.path, spec.prompt, spec.max_tokens)
-            echo(f"llama.cpp, {spec.quant} student> {spec.prompt}\n{answer.strip()}")
-        else:
-            echo("llama-cpp-python is not installed: skipping the llama.cpp answer (pip install distil[llamacpp])")
+        answer = llamacpp_chat(result.path, spec.prompt, spec.max_tokens)
+        echo(f"llama.cpp, {spec.quant} student> {spec.prompt}\n{answer.strip()}")
+    if held_out:
+        from distil.eval.answers import format_answers
+        from distil.generate import generate
+        from distil.generation.llamacpp import LlamaCppModel
+        from distil.generation.params import GenParams
+
+        model = LlamaCppModel(result.path, n_threads=recipe.train.threads or None)
+        try:
+            records = generate(model, None, held_out, GenParams(max_new_tokens=recipe.eval.max_new_tokens)).records
+        finally:
+            model.close()
+        rows = {name: texts for name, texts in generation["answers"].items() if name == "teacher"}
+        rows[f"student ({spec.quant})"] = [r["completion"].strip() for r in records]
+        echo(f"llama.cpp, {spec.quant} student, held-out prompts:\n"
+             + format_answers({"questions": generation["questions"], "answers": rows}))
     return Path(result.path)
 
 
-def write_report(run_dir: Path, recipe: Recipe, results: dict, params: dict, table: str) -> None:
+def write_report(run_dir: Path, recipe: Recipe, results: dict, params: dict, table: str,
+                 generation: dict | None = None) -> None:
+    """eval.json (the numbers; with eval.answers/eval.task also the answers and the task metrics) and report.md."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    write_atomic(run_dir / "eval.json", json.dumps({"results": results, "params": params, "date": stamp}, indent=2))
+    record = {"results": results, "params": params, "date": stamp}
+    generation = {k: v for k, v in (generation or {}).items() if k != "prompt_ids"}
+    if generation:
+        record["generation"] = generation
+    write_atomic(run_dir / "eval.json", json.dumps(record, indent=2))
+    blocks = [b for b in (format_answers(generation), format_task(generation)) if b]
     write_atomic(run_dir / "report.md",
                  f"# {recipe.name}\n\n{stamp}. Method `{recipe.distill.method}`, loss `{recipe.distill.loss}`, "
-                 f"{recipe.train.steps} steps.\n\n```\n{table}\n```\n")
+                 f"{recipe.train.steps} steps.\n\n```\n{table}\n```\n"
+                 + "".join(f"\n```\n{b}\n```\n" for b in blocks))

@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from distil.errors import DistilError
+from distil.eval.tasks import TaskName
 from distil.methods import METHODS
 from distil.options import (_build, _check_range, _convert, _found, _type_name,  # noqa: F401
                             apply_overrides, option, parse_override, read_yaml)
@@ -124,6 +125,17 @@ class EvalSpec:
     batch_size: int = _f(8, "Examples per eval batch.", gt=0)
     hard_label_baseline: bool = _f(False, "Also train the same student on hard labels only with the same budget "
                                    "and add it as a row (the control that shows what distillation adds).")
+    answers: int = _f(0, "Every row (teacher, students) answers this many held-out prompts, greedy; printed side by "
+                      "side and saved in eval.json/report.md (prompt/response or messages data only).", ge=0)
+    max_new_tokens: int = _f(64, "Longest answer, in tokens, for eval.answers and eval.task.", gt=0)
+    task: Optional[TaskName] = _f(None, "A verifiable task (distil/eval/tasks.py) every row answers: accuracy of "
+                                  "the greedy answer, and with eval.samples > 1 pass@1/pass@n, distinct-n, "
+                                  "self-BLEU, mean length and the fraction cut at max tokens.")
+    task_size: int = _f(50, "Eval questions of eval.task (its hash-split eval side: never in any training set).",
+                        gt=0)
+    samples: int = _f(1, "Samples per eval.task question at eval.temperature for pass@k and diversity (1 = greedy "
+                      "only).", ge=1)
+    temperature: float = _f(0.8, "Sampling temperature of eval.samples.", gt=0.0)
 
 
 @dataclass

@@ -111,5 +111,8 @@ def test_bad_data_input_is_one_line_naming_the_file(case, tok, tmp_path):
 def test_unknown_builtin_corpus_names_the_key(tok):
     with pytest.raises(DistilError) as info:
         load_examples(spec("builtin:nothing"), tok, seed=0)
-    assert str(info.value) == ("data.source: unknown built-in corpus 'nothing'; available: builtin:pydoc, "
-                               "builtin:pydoc_qa")
+    from distil.readers import BUILTIN
+
+    assert {"pydoc", "pydoc_qa", "python_qa"} <= set(BUILTIN)
+    assert str(info.value) == ("data.source: unknown built-in corpus 'nothing'; available: "
+                               + ", ".join(f"builtin:{name}" for name in BUILTIN))

@@ -28,15 +28,16 @@ def tokenizer(template):
     return tok
 
 
-def expected(tok, pieces):
+def expected(tok, pieces, question):
     """Golden example from (text, is_target) pieces of the rendered conversation (the char tokenizer
-    tokenizes piece by piece exactly as it does the whole)."""
+    tokenizes piece by piece exactly as it does the whole), and what it asks (the last user message before
+    the first assistant turn, printed by eval.answers)."""
     ids, labels = [], []
     for text, target in pieces:
         p = tok(text, add_special_tokens=False)["input_ids"]
         ids += p
         labels += p if target else [IGNORE] * len(p)
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": labels, "question": question}
 
 
 CHATML_PIECES = [("<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nu1<|im_end|>\n<|im_start|>assistant\n", False),
@@ -50,7 +51,7 @@ def test_multi_turn_masks_are_exactly_the_assistant_turns(template):
     # the same text: the masks must be today's, exactly.
     tok = tokenizer(template)
     (ex,) = build_examples([{"messages": MSGS}], tok, 256)
-    assert ex == expected(tok, CHATML_PIECES)
+    assert ex == expected(tok, CHATML_PIECES, "u1")
 
 
 def test_template_that_rewrites_earlier_turns_is_refused_in_one_line():
@@ -71,7 +72,7 @@ def test_generation_markers_give_the_assistant_tokens_the_template_produced():
     assert ex == expected(tok, [("<|im_start|>user\nu1<|im_end|>\n<|im_start|>assistant\n", False),
                                 ("A1<|im_end|>\n", True),
                                 ("<|im_start|>user\nu2<|im_end|>\n<|im_start|>assistant\n", False),
-                                ("<think>s</think>A2<|im_end|>\n", True)])
+                                ("<think>s</think>A2<|im_end|>\n", True)], "u1")
 
 
 @pytest.mark.parametrize("template, msgs", [(CHATML_WRONG_GENERATION, MSGS), (QWEN3_LIKE_WRONG_GENERATION, THINK)],
@@ -89,7 +90,7 @@ def test_prompt_response_through_a_rewriting_template_never_targets_the_prompt()
     tok = tokenizer(QWEN3_LIKE)
     (ex,) = build_examples([{"prompt": "q", "response": "<think>r</think>a"}], tok, 256)
     assert ex == expected(tok, [("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", False),
-                                ("<think>r</think>a<|im_end|>\n", True)])
+                                ("<think>r</think>a<|im_end|>\n", True)], "q")
 
 
 def test_unknown_role_is_refused_in_one_line():

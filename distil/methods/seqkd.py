@@ -22,6 +22,7 @@ from typing import Any, Literal
 from distil.compat import check_teacher_data
 from distil.data import IGNORE, _eos
 from distil.errors import DistilError
+from distil.eval.answers import prompt_part
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable
 from distil.methods.hard_labels import build_hard_labels
 from distil.methods.offline import build_offline
@@ -58,15 +59,7 @@ def corpus_path(recipe: Any) -> Path:
     return base / "teacher.jsonl"
 
 
-def prompt_ids(example: dict, bos: int | None = None) -> list[int]:
-    """The prompt part of an example: its masked tokens before the first target; [] when it has none (text
-    records: every token is a target, or only a BOS precedes the first one)."""
-    labels, ids = example["labels"], example["input_ids"]
-    first = next((t for t, v in enumerate(labels) if v != IGNORE), None)
-    if not first:  # no target at all (None), or text whose first token is already a target (0)
-        return []
-    prefix = list(ids[:first])
-    return prefix if any(t != bos for t in prefix) else []
+prompt_ids = prompt_part  # the prompt part of an example (its masked tokens before the first target)
 
 
 def teacher_examples(prompts: list[list[int]], records: list[dict], tok: Any, seq_len: int,
