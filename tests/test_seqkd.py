@@ -74,6 +74,15 @@ def test_a_rerun_reuses_the_answers_and_other_parameters_are_refused(tmp_path, t
     assert corpus.read_bytes() == before
 
 
+def test_stop_strings_reach_the_teachers_generation(tmp_path, tiny_teacher):
+    path = _recipe(tmp_path, tiny_teacher, stop=["zz", "\n\n"])
+    assert main(["run", str(path)]) == 0
+    corpus = tmp_path / "runs" / "s-seqkd" / "teacher.jsonl"
+    records = [json.loads(x) for x in corpus.read_text().splitlines()]
+    assert records and all(r["params"]["stop"] == ["zz", "\n\n"] for r in records)
+    assert not any("zz" in r["completion"] or "\n\n" in r["completion"] for r in records)
+
+
 def test_text_data_has_no_prompts_and_is_refused(tmp_path, tiny_teacher, capsys):
     path = _recipe(tmp_path, tiny_teacher)
     data = yaml.safe_load(path.read_text())
@@ -97,7 +106,8 @@ def test_bad_options_are_one_line(tmp_path, tiny_teacher, capsys):
                              ("seqkd.backend=vllm", "seqkd.backend: expected one of 'hf', 'llamacpp'"),
                              ("seqkd.temperature=-1", "seqkd.temperature: expected a value >= 0"),
                              ("seqkd.n=2", "seqkd.n: greedy answers (seqkd.temperature: 0) are all the same"),
-                             ("seqkd.num_beams=4 seqkd.backend=llamacpp", "seqkd.num_beams: beam search needs")):
+                             ("seqkd.num_beams=4 seqkd.backend=llamacpp", "seqkd.num_beams: beam search needs"),
+                             ("seqkd.stop=['']", "seqkd.stop: expected non-empty strings")):
         assert main(["validate", str(path), *override.split()]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err

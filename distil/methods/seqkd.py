@@ -42,6 +42,9 @@ class SeqKDSpec:
     num_beams: int = option(1, "Beam search width (1 = off; greedy only, transformers backend): the approximate "
                             "mode of the teacher's sequence distribution that Kim & Rush train on.", ge=1)
     n: int = option(1, "Answers per prompt (> 1 needs temperature > 0); each becomes a training example.", gt=0)
+    stop: list[str] = option(help="Stop strings: the teacher's answer ends before the first one (counted as a "
+                             "finished answer, so the student learns to end there); e.g. ['\\n\\n'] keeps the first "
+                             "paragraph.", factory=list)
     seed: int = option(0, "Seed of the teacher's sampling (per answer: see distil/generation/params.py).", ge=0,
                        lt=2**32)
     batch_size: int = option(8, "Prompts per teacher generation batch (transformers backend).", gt=0)
@@ -96,7 +99,7 @@ def prepare(ctx: Context) -> list[dict]:
     keep = [i for i, p in enumerate(prompts) if p]
     prompts = [prompts[i] for i in keep]
     params = GenParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                       top_k=spec.top_k, n=spec.n, seed=spec.seed, num_beams=spec.num_beams).check()
+                       top_k=spec.top_k, n=spec.n, seed=spec.seed, num_beams=spec.num_beams, stop=tuple(spec.stop)).check()
     out = corpus_path(ctx.recipe)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +133,8 @@ def check(recipe: Any, where: str) -> None:
     if spec.n > 1 and spec.temperature == 0:
         raise DistilError(f"{where}: seqkd.n: greedy answers (seqkd.temperature: 0) are all the same; expected n: 1 "
                           f"or a temperature > 0, found n: {spec.n}")
+    if any(not isinstance(x, str) or not x for x in spec.stop):
+        raise DistilError(f"{where}: seqkd.stop: expected non-empty strings, found {spec.stop!r}")
     if spec.num_beams > 1 and (spec.temperature > 0 or spec.backend != "hf"):
         raise DistilError(f"{where}: seqkd.num_beams: beam search needs seqkd.temperature: 0 and seqkd.backend: hf; "
                           f"found temperature {spec.temperature}, backend {spec.backend}")
