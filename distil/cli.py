@@ -238,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
-            args = parser.parse_args(argv)
+            args, extra = parser.parse_known_args(argv)
+            # key.path=value overrides may come after flags too (`distil run R --overwrite train.steps=5`)
+            if extra and isinstance(getattr(args, "overrides", None), list) and \
+                    all("=" in x and not x.startswith("-") for x in extra):
+                args.overrides += extra
+            elif extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:
         if exc.code in (0, None):  # --help (on stdout)
             sys.stderr.write(said.getvalue())

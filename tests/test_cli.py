@@ -46,6 +46,17 @@ def test_existing_run_dir_is_not_clobbered(make_recipe, capsys):
     assert main(["run", str(path), "--overwrite"]) == 0
 
 
+def test_overrides_may_follow_flags_and_stray_words_are_one_line(make_recipe, capsys):
+    path = make_recipe()
+    assert main(["validate", str(path), "train.steps=3"]) == 0
+    assert main(["run", str(path), "--overwrite", "train.steps=1", "name=after"]) == 0
+    assert (path.parent / "runs" / "after" / "student").is_dir()
+    capsys.readouterr()
+    assert main(["run", str(path), "--overwrite", "--nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "distil: error: unrecognized arguments: --nope (see distil --help)"
+
+
 def test_resume_through_the_cli(make_recipe, capsys):
     path = make_recipe(train={"save_every": 2})
     assert main(["run", str(path)]) == 0

@@ -70,7 +70,7 @@ def test_a_rerun_reuses_the_answers_and_other_parameters_are_refused(tmp_path, t
     assert corpus.read_bytes() == before
     assert main(["run", str(path), "--overwrite", "seqkd.max_new_tokens=7"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "max_new_tokens" in err
+    assert len(err.splitlines()) == 1 and "max_new_tokens" in err and "or set seqkd.dir to keep both" in err
     assert corpus.read_bytes() == before
 
 

@@ -64,10 +64,11 @@ def _ids_digest(all_ids: list[list[int]]) -> str:
 
 def generate(model: Any, tokenizer: Any, prompts: Iterable[Prompt], params: GenParams | None = None,
              out: str | Path | None = None, *, batch_size: int = 8, model_name: str | None = None,
-             progress: bool = False, overwrite: bool = False) -> GenerationResult:
+             progress: bool = False, overwrite: bool = False, remedy: str | None = None) -> GenerationResult:
     """Generate `params.n` samples per prompt. `model` is a transformers causal LM (hf backend, batched) or a
     `LlamaCppModel` (llama.cpp backend; `tokenizer` may then be None: the GGUF's own tokenizer and template).
-    With `out`, samples are streamed to that JSONL file and a rerun resumes it (see `distil.generation.store`)."""
+    With `out`, samples are streamed to that JSONL file and a rerun resumes it (see `distil.generation.store`);
+    `remedy` is what the error says to do when that file was made by another run (default: the CLI's flags)."""
     from tqdm import tqdm
 
     params = (params or GenParams()).check()
@@ -105,7 +106,8 @@ def generate(model: Any, tokenizer: Any, prompts: Iterable[Prompt], params: GenP
 
     identity = {"model": name, "weights": weights, "backend": backend, "params": params.record(),
                 "prompts": {"count": len(prompts), "sha256": _ids_digest(all_ids)}}
-    store = SampleStore(out, identity, len(prompts), params.n, overwrite=overwrite)
+    store = SampleStore(out, identity, len(prompts), params.n, overwrite=overwrite,
+                        **({"remedy": remedy} if remedy else {}))
     todo = store.missing()
     common = {"params": params.record(), "backend": backend, "model": name}
     if not llama:

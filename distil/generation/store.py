@@ -42,8 +42,10 @@ def _first_difference(made: dict, want: dict, prefix: str = "") -> str | None:
 class SampleStore:
     """Records by (prompt index, sample index), backed by the JSONL file (or memory when path is None)."""
 
-    def __init__(self, path: str | Path | None, identity: dict, n_prompts: int, n: int, overwrite: bool = False):
+    def __init__(self, path: str | Path | None, identity: dict, n_prompts: int, n: int, overwrite: bool = False,
+                 remedy: str = "use another --out, or --overwrite to start again"):
         self.path = Path(path) if path is not None else None
+        self.remedy = remedy  # what the user can do about a file made by another run (CLI flags, or recipe keys)
         self.identity = {"format": FORMAT, **identity}
         self.n_prompts, self.n = n_prompts, n
         self.records: dict[tuple[int, int], dict] = {}
@@ -70,15 +72,14 @@ class SampleStore:
             return
         if not meta.is_file():
             raise DistilError(f"{path}: exists without {meta.name}, so it was not written by distil generate "
-                              f"(or its identity was lost); refusing to append to it: use another --out or --overwrite")
+                              f"(or its identity was lost); refusing to append to it: {self.remedy}")
         try:
             made = json.loads(meta.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DistilError(f"{meta}: expected a JSON object, found unreadable content ({exc})") from None
         diff = _first_difference(made if isinstance(made, dict) else {}, self.identity)
         if diff:
-            raise DistilError(f"{path}: made by a different generation run ({diff}); "
-                              f"use another --out, or --overwrite to start again")
+            raise DistilError(f"{path}: made by a different generation run ({diff}); {self.remedy}")
         self._load_existing()
         self._file = path.open("ab")
 

@@ -114,7 +114,8 @@ def prepare(ctx: Context) -> list[dict]:
         else:
             model, tok = ctx.teacher().model, ctx.teacher().tokenizer
         result = generate(model, tok, prompts, params, out=out, batch_size=spec.batch_size,
-                          model_name=ctx.recipe.teacher.source)
+                          model_name=ctx.recipe.teacher.source,
+                          remedy=f"delete {out.parent} to make them again, or set seqkd.dir to keep both")
         cut = sum(r["finish_reason"] == "length" for r in result.records)
         ctx.echo(f"seqkd: {len(result.records)} teacher answers in {out} ({result.kept} kept from an earlier run, "
                  f"{result.generated} generated, {cut} cut at seqkd.max_new_tokens)")
