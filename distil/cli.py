@@ -6,6 +6,7 @@
   distil eval RUN_DIR_OR_RECIPE [key=value ...]
   distil export MODEL_DIR_OR_RUN --gguf OUT.gguf --quant Q4_K_M
   distil generate MODEL_OR_RECIPE [key=value ...] --prompts FILE --out FILE.jsonl [--backend hf|llamacpp]
+  distil prune RECIPE [key=value ...] --out DIR [--overwrite]
   distil ls
   distil demo [key=value ...]
 
@@ -162,8 +163,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from distil.methods.prune import prune_to_dir
+    from distil.recipe import load_recipe
+
+    recipe = load_recipe(find_recipe(args.recipe), args.overrides)
+    _setup_quiet()
+    prune_to_dir(recipe, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out} (Hugging Face directory; what was removed: {args.out}/prune.json)")
+    return 0
+
+
 VERBS = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval, "ls": cmd_ls, "demo": cmd_demo,
-         "export": cmd_export, "cache": cmd_cache, "generate": cmd_generate}
+         "export": cmd_export, "cache": cmd_cache, "generate": cmd_generate,
+         "prune": cmd_prune}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="CPU threads (torch and llama.cpp)")
     g.add_argument("--overwrite", action="store_true", help="start again instead of resuming OUT")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr = sub.add_parser("prune", help="structured pruning of a recipe's student by its prune: section (no training)")
+    pr.add_argument("recipe", help="recipe YAML (or the name of a bundled recipe)")
+    pr.add_argument("overrides", nargs="*", help="key.path=value overrides (e.g. prune.depth=20 prune.mlp=0.5)")
+    pr.add_argument("--out", required=True, help="output Hugging Face model directory")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     return p
 
 
