@@ -5,7 +5,7 @@ and that model is trained against the frozen teacher's logits with the `distill`
 `offline` trains.
 
 The pruning is deterministic (the same student and data give the same model), so `--resume` rebuilds the same
-pruned model and continues its checkpoints. The evaluation gains the row "student (pruned)": the pruned model
+pruned model and continues its checkpoints. The evaluation gains the row "student (pruned, no recovery)": the pruned model
 before any recovery step; "student (before)" is the unpruned student. `<run>/prune.json` holds what was removed
 and the scores that chose it.
 """
@@ -41,7 +41,7 @@ def stage(ctx: Context) -> Stage:
     before = copy.deepcopy(pruned).eval()
     loss_fn = build_offline(ctx.teacher().model, ctx.recipe.distill, ctx.vocab, echo=ctx.echo)
     return Stage(phases=[Phase(name="prune", module=Trainable(pruned), loss_fn=loss_fn, examples=ctx.train_examples)],
-                 finalize=lambda: pruned, eval_rows=lambda: {"student (pruned)": before})
+                 finalize=lambda: pruned, eval_rows=lambda: {"student (pruned, no recovery)": before})
 
 
 def check(recipe: Any, where: str) -> None:
