@@ -39,9 +39,11 @@ _f = option  # a documented, range-checked dataclass field (distil/options.py)
 class ModelSpec:
     """Where a model comes from and how it is loaded."""
 
-    source: str = _f("", "A Hugging Face directory (safetensors), a .gguf file, 'embedded:smollm2-135m-instruct', "
-                     "'config:PATH' (random init from a config.json or a directory holding one), or, for the "
-                     "student only, 'teacher' (a copy of the teacher, usually with `layers`).")
+    source: str = _f("", "A Hugging Face directory (safetensors), a .gguf file, 'embedded:smollm2-135m-instruct' or "
+                     "'embedded:gemma-3-270m', 'config:PATH' (random init from a config.json or a directory "
+                     "holding one), 'config:tiny-llama-char' (a tiny Llama with a character tokenizer, for models "
+                     "trained from scratch), or, for the student only, 'teacher' (a copy of the teacher, usually "
+                     "with `layers`).")
     layers: Optional[list[int]] = _f(None, "Student only: keep these teacher layers (0-based, in order) plus the "
                                      "embeddings, final norm and head: the usual depth-pruned initialisation.")
     config: dict[str, Any] = _f(help="Overrides applied to the model config before a random init "
@@ -67,7 +69,11 @@ class DataSpec:
     """Training data: files or a built-in corpus, tokenized into training examples."""
 
     source: str = _f("builtin:pydoc", "A .jsonl/.json/.csv/.parquet/.txt file, a directory saved with "
-                     "datasets' save_to_disk, 'builtin:pydoc' (Python's own documentation, no download) 'builtin:pydoc_qa' (its topics as prompt/response records) or 'builtin:python_qa' (those + built-ins and str/list/dict/set methods, ~300 questions).")
+                     "datasets' save_to_disk, or a built-in corpus (no download): 'builtin:pydoc' (Python's own "
+                     "documentation), 'builtin:pydoc_qa' (its topics as prompt/response records), 'builtin:python_qa' "
+                     "(those + built-ins and str/list/dict/set methods, ~230 questions), 'builtin:<task>' / "
+                     "'builtin:<task>_answers' (a verifiable task's train questions with the gold chain of thought / "
+                     "the answer only; tasks: arithmetic, sum3, arithmetic_hard).")
     seq_len: int = _f(256, "Tokens per training example (plain text is packed into blocks of this length).", ge=8)
     pack: bool = _f(True, "Pack plain-text records into fixed-length blocks (separated by EOS).")
     chat_template: bool = _f(True, "Render prompt/response and messages records with the tokenizer's chat template.")
