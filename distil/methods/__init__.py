@@ -10,12 +10,15 @@ from distil.methods import cache, hard_labels, offline, seqkd
 from distil.methods import synthetic
 from distil.methods import cot
 from distil.methods import prune
+from distil.methods import sparse
+from distil.methods import ptq, qat
 from distil.methods import onpolicy
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable, count_targets, unwrap  # noqa: F401
 
 # Recipe `distill.method` name -> Method.
 METHODS: dict[str, Method] = {m.name: m for m in (offline.METHOD, hard_labels.METHOD, cache.METHOD, seqkd.METHOD,
-                                                       synthetic.METHOD, cot.METHOD, prune.METHOD,
+                                                       synthetic.METHOD, cot.METHOD, prune.METHOD, sparse.METHOD,
+                                                       ptq.METHOD, qat.METHOD,
                                                        onpolicy.METHOD)}
 
 # The loss-function builders (builder(teacher_or_cache, distill_spec, vocab) -> loss_fn), for tests and benchmarks.
