@@ -22,6 +22,10 @@ GEMMA = dict(sliding_window=6, layers=4,
              layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
              rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
                               "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})
+# Gemma 3 4B and larger: linear rope scaling on the global layers only
+GEMMA_LINEAR = dict(GEMMA, rope_parameters={
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 100.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})
 # Llama 3.x rope with an original context of 16 so that the scaling acts inside 31 positions
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 100.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -31,6 +35,7 @@ IDS = [1] + list(range(5, 95, 3))
 FAMILIES = [
     ("gemma3-tied-gemma", "gemma3", True, "gemma", GEMMA),
     ("gemma3-untied-spm", "gemma3", False, "spm", GEMMA),
+    ("gemma3-linear-rope", "gemma3", True, "gemma", GEMMA_LINEAR),
     ("qwen3-untied-qwen2", "qwen3", False, "qwen2", {}),
     ("qwen3-tied-gpt2", "qwen3", True, "gpt2", {}),
     ("llama3rope-tied-gpt2", "llama", True, "gpt2", {"rope_parameters": LLAMA3_ROPE, "heads": 2, "kv_heads": 1}),
