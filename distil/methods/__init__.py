@@ -13,13 +13,14 @@ from distil.methods import prune
 from distil.methods import sparse
 from distil.methods import ptq, qat
 from distil.methods import onpolicy
+from distil.methods import preference
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable, count_targets, unwrap  # noqa: F401
 
 # Recipe `distill.method` name -> Method.
 METHODS: dict[str, Method] = {m.name: m for m in (offline.METHOD, hard_labels.METHOD, cache.METHOD, seqkd.METHOD,
                                                        synthetic.METHOD, cot.METHOD, prune.METHOD, sparse.METHOD,
                                                        ptq.METHOD, qat.METHOD,
-                                                       onpolicy.METHOD)}
+                                                       onpolicy.METHOD, preference.METHOD)}
 
 # The loss-function builders (builder(teacher_or_cache, distill_spec, vocab) -> loss_fn), for tests and benchmarks.
 from distil.methods.cache import build_cache  # noqa: E402,F401
