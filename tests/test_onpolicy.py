@@ -410,3 +410,25 @@ def test_compat_preflight_a_student_that_would_never_stop(tmp_path, tiny_teacher
     assert len(err.splitlines()) == 1 and "onpolicy:" in err and "student.eos_token: '<|im_end|>'" in err
     assert not (tmp_path / "runs" / "o").exists()
     assert main(["run", str(path), "student.eos_token=<|im_end|>"]) == 0
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, tiny_teacher):
+    """The same global batches on 2 CPU processes (gloo): the same samples (seeded by stream position), the same
+    global completion-token count, the same losses as 1 process with twice the batch."""
+    import os
+    import subprocess
+    import sys
+
+    one = _recipe(tmp_path, tiny_teacher, name="one", onpolicy={"lmbda": 1.0}, train={"batch_size": 4})
+    two = _recipe(tmp_path, tiny_teacher, name="two", onpolicy={"lmbda": 1.0}, train={"batch_size": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    subprocess.run([sys.executable, "-m", "distil", "run", str(one)], check=True, env=env, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29547", "-m", "distil", "run", str(two)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = _rows(tmp_path, "one"), _rows(tmp_path, "two")
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    assert [r["length"] for r in a] == pytest.approx([r["length"] for r in b], rel=1e-12)
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
