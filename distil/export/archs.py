@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distil.errors import DistilError
-from distil.export.rope import Rope, add_rope_metadata, llama3_factors, read_rope
+from distil.export.rope import Rope, positive_number, add_rope_metadata, llama3_factors, read_rope
 
 _DENSE = {  # HF name inside model.layers.N -> GGUF name inside blk.N (the llama skeleton)
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
@@ -102,7 +102,7 @@ def _gemma3_config(cfg: dict, c: dict, path: Path) -> None:
     window = cfg.get("sliding_window")
     types = cfg.get("layer_types")
     if types is None:  # older configs: every `sliding_window_pattern`-th layer is global
-        period = cfg.get("sliding_window_pattern", 6)
+        period = int(positive_number(cfg, "sliding_window_pattern", path, "", 6))
         types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(c["n_layer"])]
     if not isinstance(types, list) or len(types) != c["n_layer"] or \
             not set(types) <= {"sliding_attention", "full_attention"}:
@@ -121,9 +121,9 @@ def _gemma3_config(cfg: dict, c: dict, path: Path) -> None:
         local = read_rope(params.get("sliding_attention"), path, default_theta=1e4, allowed=("default",),
                           where="rope_parameters.sliding_attention.")
     else:
-        full = read_rope(params or cfg.get("rope_scaling"), path, default_theta=float(cfg.get("rope_theta", 1e6)),
+        full = read_rope(params or cfg.get("rope_scaling"), path, default_theta=positive_number(cfg, "rope_theta", path, "", 1e6),
                          allowed=("default", "linear"))
-        local = Rope(float(cfg.get("rope_local_base_freq", 1e4)))
+        local = Rope(positive_number(cfg, "rope_local_base_freq", path, "", 1e4))
     c["rope"], c["rope_local"] = full, local
 
 

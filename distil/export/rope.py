@@ -33,8 +33,10 @@ class Rope:
     original_context: int = 8192
 
 
-def _positive(d: dict, key: str, path: Path, where: str, default=None) -> float:
-    value = d.get(key, default)
+def positive_number(d: dict, key: str, path: Path, where: str, default=None) -> float:
+    """d[key] (or `default` when absent or null) as a float, or one line naming the file and key."""
+    value = d.get(key)
+    value = default if value is None else value
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
     if not ok:
         raise DistilError(f"{path}: {where}{key}: expected a positive number, found "
@@ -57,15 +59,15 @@ def read_rope(params: dict | None, path: Path, *, default_theta: float, allowed:
     if kind not in allowed:
         raise DistilError(f"{path}: rope scaling {kind!r} is not supported by the exporter for this "
                           f"architecture (supported: {', '.join(allowed)})")
-    theta = _positive(params, "rope_theta", path, where, default_theta)
+    theta = positive_number(params, "rope_theta", path, where, default_theta)
     if kind == "default":
         return Rope(theta)
-    factor = _positive(params, "factor", path, where)
+    factor = positive_number(params, "factor", path, where)
     if kind == "linear":
         return Rope(theta, "linear", factor)
-    low = _positive(params, "low_freq_factor", path, where)
-    high = _positive(params, "high_freq_factor", path, where)
-    ctx = _positive(params, "original_max_position_embeddings", path, where)
+    low = positive_number(params, "low_freq_factor", path, where)
+    high = positive_number(params, "high_freq_factor", path, where)
+    ctx = positive_number(params, "original_max_position_embeddings", path, where)
     if high <= low:
         raise DistilError(f"{path}: {where}high_freq_factor: expected more than low_freq_factor={low}, "
                           f"found {high}")

@@ -90,6 +90,21 @@ def test_gemma3_file_layout(model_dir, tmp_path):
     np.testing.assert_array_equal(tensors["blk.1.attn_q.weight"], hf["model.layers.1.self_attn.q_proj.weight"])
 
 
+def test_gemma3_config_of_transformers_4(model_dir, tmp_path):
+    """Checkpoints saved by transformers 4.x spell Gemma 3's rope and layer kinds differently: rope_theta,
+    rope_local_base_freq and sliding_window_pattern (every 3rd layer global here), no layer_types."""
+    d = shutil.copytree(family(model_dir, "gemma3-tied-gemma"), tmp_path / "g")
+    cfg = json.loads((d / "config.json").read_text())
+    for key in ("layer_types", "rope_parameters"):
+        cfg.pop(key)
+    cfg.update(rope_theta=5000.0, rope_local_base_freq=50.0, sliding_window_pattern=3, rope_scaling=None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    export_gguf(d, tmp_path / "g.gguf", "F16", modelfile=False)
+    _, f = fields_of(tmp_path / "g.gguf")
+    assert f["gemma3.attention.sliding_window_pattern"] == [True, True, False, True]
+    assert f["gemma3.rope.freq_base"] == 5000.0 and f["gemma3.rope.freq_base_swa"] == 50.0
+
+
 def test_qwen3_file_layout(model_dir, tmp_path):
     from safetensors.numpy import load_file
 
