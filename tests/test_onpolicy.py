@@ -71,7 +71,7 @@ def test_lmbda_0_reproduces_offline_exactly(tmp_path, tiny_teacher, loss):
     assert len(on) == len(off) == 3
     for a, b in zip(on, off):  # the same computation on the same batches: equal, not close
         assert (a["loss"], a["kd"], a["tokens"], a["grad_norm"]) == (b["loss"], b["kd"], b["tokens"], b["grad_norm"])
-        assert a["student_samples"] == 0 and a["truncated"] == 0
+        assert a["student_samples"] == 0 and a["truncated"] == 0 and a["generate_s"] == 0
 
 
 # ---- the divergence on completions: beta endpoints, golden value ---------------------------------------------
@@ -176,7 +176,7 @@ def test_a_student_that_never_stops_is_truncated_counted_and_warned_once(tmp_pat
     out = capsys.readouterr().out
     assert out.count("reached onpolicy.max_new_tokens=6 without an EOS") == 1
     rows = _rows(tmp_path, "o")
-    assert all(r["student_samples"] == 1.0 for r in rows)
+    assert all(r["student_samples"] == 1.0 and r["generate_s"] > 0 for r in rows)
     # a random tiny student rarely writes </s> (1/106 a token): most completions are cut at 6 tokens
     assert all(r["truncated"] >= 0.5 and 1 <= r["length"] <= 6 for r in rows)
     assert all(r["tokens"] == sum(round(x["length"] * 2) for x in rows[: i + 1]) for i, r in enumerate(rows))

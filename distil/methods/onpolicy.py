@@ -37,12 +37,18 @@ per-row sampler (distil/generation/hf.py: `RowSampler`, each row's own seed): a 
 a resumed run regenerates exactly the samples of the uninterrupted one. `distil.generate.generate` itself is not
 called: it returns decoded text (token ids do not survive a decode/encode round trip in general), fingerprints
 the weights on every call and writes a corpus; a step needs ids, sampling log-probs and nothing stored.
+
+metrics.jsonl columns of every onpolicy run: length (mean completion tokens per sequence), truncated (fraction cut
+at max_new_tokens), student_samples (1 on on-policy steps), generate_s (seconds spent sampling in the step: what
+generation costs next to the teacher's scoring and the update), plus the loss's own (kd/ce, or kl, entropy, ratio,
+clipped for the estimator).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -211,8 +217,9 @@ def completion_batch(prompts: list[list[int]], samples: Samples, pad_id: int) ->
             "truncated": torch.tensor([float(t) for t in samples.truncated])}
 
 
-def _with_stats(batch: dict, source: float, n_global: int) -> dict:
-    """Per-row statistics every loss call turns into metrics (the same names on every step and process)."""
+def _with_stats(batch: dict, source: float, n_global: int, seconds: float = 0.0) -> dict:
+    """Per-row statistics every loss call turns into metrics (the same names on every step and process);
+    `seconds` (generation time / process count, on a step's first micro-batch only) sums to the mean over ranks."""
     out = dict(batch)
     if "completion_tokens" not in out:  # the dataset's responses: their target tokens, never truncated
         targets = (batch["labels"] != IGNORE).sum(-1).double()
@@ -223,6 +230,7 @@ def _with_stats(batch: dict, source: float, n_global: int) -> dict:
     out["truncated"] = out["truncated"].to(device)
     out["seqs"] = torch.tensor(float(n_global), device=device)  # sequences of the global batch
     out["student_samples"] = torch.tensor(float(source), device=device)
+    out["generate_s"] = torch.tensor(float(seconds), device=device)
     return out
 
 
@@ -252,7 +260,9 @@ def make_before_step(spec: OnPolicySpec, teacher: Any, eos: list[int], pad_id: i
         if any(not p for p in prompts):
             raise DistilError("onpolicy: a training example has no prompt (text records): expected prompt/response "
                               "or messages records, whose prompts the student answers")
+        start = time.perf_counter()
         samples = sample(model, prompts, params, seeds, eos, pad_id)
+        seconds = (time.perf_counter() - start) / world
         cut = sum(samples.truncated) / len(prompts)
         if on_policy and cut >= WARN_TRUNCATED and not warned["done"] and main:
             warned["done"] = True
@@ -264,7 +274,7 @@ def make_before_step(spec: OnPolicySpec, teacher: Any, eos: list[int], pad_id: i
         for n in sizes:
             part = Samples(samples.completions[at:at + n], samples.logq[at:at + n], samples.truncated[at:at + n])
             b = {k: v.to(device) for k, v in completion_batch(prompts[at:at + n], part, pad_id).items()}
-            out.append(_with_stats(b, 1.0 if on_policy else 0.0, n_global))
+            out.append(_with_stats(b, 1.0 if on_policy else 0.0, n_global, seconds if at == 0 else 0.0))
             at += n
         return out
 
@@ -345,7 +355,8 @@ def build_onpolicy_loss(teacher: Any, spec: OnPolicySpec, distill: Any, vocab: i
         rows = float(len(batch["input_ids"]))
         out.metrics.update({"length": batch["completion_tokens"].sum().float() / seqs,
                             "truncated": batch["truncated"].sum().float() / seqs,
-                            "student_samples": batch["student_samples"] * rows / seqs})
+                            "student_samples": batch["student_samples"] * rows / seqs,
+                            "generate_s": batch["generate_s"]})  # seconds spent sampling this step
         return out
 
     return loss_fn
