@@ -133,3 +133,12 @@ def test_bad_input_is_one_line(tmp_path, tiny_teacher, capsys, sparse, message):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_a_pattern_a_layer_cannot_take_is_refused_before_anything_is_written(tmp_path, tiny_teacher, capsys):
+    path = _recipe(tmp_path, tiny_teacher, pattern="3:7")  # rows of 32 and 64 weights: not multiples of 7
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pattern 3:7" in err and "\n" not in err
+    assert not (tmp_path / "runs" / "s").exists()
+

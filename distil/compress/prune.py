@@ -38,8 +38,9 @@ SLICEABLE = ("llama", "mistral", "qwen2", "qwen3")
 
 @dataclass
 class PruneSpec:
-    """Structured pruning of the student before distillation recovers it (depth: Block Influence; width: Minitron
-    activation importance); also read by `distil prune`."""
+    """Structured pruning, then distillation recovers the student (also read by `distil prune`).
+
+    Depth: Block Influence (ShortGPT); width: Minitron's activation importance on calibration data."""
 
     depth: int = option(0, "Decoder layers to keep (0 = all): the others, lowest Block Influence "
                         "(1 - mean cos(layer input, layer output) on calibration tokens), are removed.", ge=0)

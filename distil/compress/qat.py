@@ -29,8 +29,9 @@ from distil.options import option
 
 @dataclass
 class QATSpec:
-    """Quantization-aware training: fake-quantized decoder weights (straight-through estimator) trained against
-    the full-precision teacher, then converted."""
+    """Quantization-aware training: fake-quantized decoder weights learn the teacher, then are folded in.
+
+    The straight-through estimator passes gradients to the fp32 master weights."""
 
     grid: Literal["int4", "q4_0"] = option("int4", "int4: symmetric group-wise int4 (torchao's weight-only "
                                            "scheme); q4_0: llama.cpp's Q4_0 blocks (the GGUF export with "

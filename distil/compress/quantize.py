@@ -30,7 +30,7 @@ _NOTED: set[str] = set()
 
 @dataclass
 class QuantConfig:
-    """Weight-only quantization of the decoder linear maps (post-training: method ptq; in training: method qat)."""
+    """Weight-only post-training quantization of the decoder linear maps (int8, or int4 group-wise)."""
 
     bits: Literal[4, 8] = option(4, "Bits per weight: 4 (int4) or 8 (int8).")
     group_size: int = option(32, "Weights per scale along a row (0 = one scale per output channel).", ge=0)
@@ -97,12 +97,19 @@ def quantize_(model: Any, config: Any, echo: Any = print) -> str:
         _groups(lin.weight, config.group_size, f"quantize.group_size ({name})")  # refuse before changing anything
     if config.backend in ("auto", "torchao"):
         try:
+            import logging
             import warnings
 
+            # torchao's import logs every CUDA-only extension it cannot load, and torch warns about its enums
+            logging.disable(logging.WARNING)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    from torchao.quantization import quantize_ as ao_quantize_
+            finally:
+                logging.disable(logging.NOTSET)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                from torchao.quantization import quantize_ as ao_quantize_
-
                 ao_config = torchao_config(config)
                 names = set(layers)
                 ao_quantize_(model, ao_config, filter_fn=lambda module, fqn: fqn in names)

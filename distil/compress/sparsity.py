@@ -33,8 +33,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 @dataclass
 class SparseSpec:
-    """Unstructured pruning (magnitude or Wanda; unstructured or N:M such as 2:4), masks enforced while the student
-    is distilled."""
+    """Unstructured pruning (magnitude or Wanda; unstructured or N:M), masks enforced while the student trains."""
 
     score: Literal["wanda", "magnitude"] = option("wanda", "wanda: |W| * input-feature norm on calibration tokens, "
                                                   "per output row (Sun et al. 2023); magnitude: |W| per matrix.")

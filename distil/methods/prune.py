@@ -32,8 +32,14 @@ def prune_student(recipe: Any, model: Any, train_examples: list[dict], pad_id: i
     return prune(model, spec, batches)
 
 
+def prepare(ctx: Context) -> tuple[Any, Any]:
+    """Prune before the run directory is written: counts the model cannot take (heads that do not split into its
+    KV groups, more layers than it has) are refused with nothing written."""
+    return prune_student(ctx.recipe, ctx.student.model, ctx.train_examples, ctx.pad_id)
+
+
 def stage(ctx: Context) -> Stage:
-    pruned, report = prune_student(ctx.recipe, ctx.student.model, ctx.train_examples, ctx.pad_id)
+    pruned, report = ctx.artifact
     ctx.echo(report.summary())
     if ctx.main:
         write_atomic(ctx.run_dir / "prune.json", json.dumps(report.to_dict(), indent=2))
@@ -63,6 +69,7 @@ METHOD = Method(
             "importance), then the teacher's logits recover the sliced student",
     teacher="train",
     build=stage,
+    prepare=prepare,
     options=PruneSpec,
     check=check,
 )

@@ -23,18 +23,19 @@ from distil.methods.contract import Context, Method, Phase, Stage, Trainable
 from distil.methods.offline import build_offline
 
 
-def sparsify(model: Any, spec: Any, train_examples: list[dict], pad_id: int) -> Masks:
-    """Masks for `model` by the `sparse` section, applied."""
-    batches = (calibration_batches(train_examples, spec.calib_examples, spec.calib_batch, pad_id,
+def prepare(ctx: Context) -> dict:
+    """The masks (not applied yet: the pipeline copies the dense student for the "before" row after this),
+    computed before the run directory is written, so a pattern a layer cannot take leaves nothing behind."""
+    spec = ctx.recipe.sparse
+    batches = (calibration_batches(ctx.train_examples, spec.calib_examples, spec.calib_batch, ctx.pad_id,
                                    "sparse.calib_examples") if spec.score == "wanda" else None)
-    masks = Masks(model, compute_masks(model, spec, batches))
-    masks.apply()
-    return masks
+    return compute_masks(ctx.student.model, spec, batches)
 
 
 def stage(ctx: Context) -> Stage:
     spec, model = ctx.recipe.sparse, ctx.student.model
-    masks = sparsify(model, spec, ctx.train_examples, ctx.pad_id)
+    masks = Masks(model, ctx.artifact)
+    masks.apply()
     pruned = sparsity_report(model)
     ctx.echo(f"{spec.score} {spec.pattern}: " + format_report(pruned, model.config.num_hidden_layers))
     before = copy.deepcopy(model).eval()
@@ -68,6 +69,7 @@ METHOD = Method(
             "student with its masks enforced after every step",
     teacher="train",
     build=stage,
+    prepare=prepare,
     options=SparseSpec,
     check=check,
 )
