@@ -7,8 +7,9 @@ compressed model, no training) and "after" (recovered by distillation from the f
 
 Every row is `distil run <recipe> <overrides> name=<row> output.dir=DIR` (the commands are printed and stored in the
 JSON): the recipes' budgets (seq_len 64, batch 4) with 6 recovery steps (~1,500 target tokens: the machine was
-busy); 16 held-out examples (~1,000 tokens); calibration: the first 32 training examples (2,048 tokens). KL = KL(teacher || row) per token,
-top-1 = agreement with the teacher's argmax, ppl = held-out perplexity (distil.eval.metrics).
+busy); 16 held-out examples (~1,000 tokens); calibration: the first 32 training examples (2,048 tokens).
+KL = KL(teacher || row) per token, top-1 = agreement with the teacher's argmax, ppl = held-out perplexity
+(distil.eval.metrics).
 """
 
 from __future__ import annotations

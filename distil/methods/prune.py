@@ -5,9 +5,10 @@ and that model is trained against the frozen teacher's logits with the `distill`
 `offline` trains.
 
 The pruning is deterministic (the same student and data give the same model), so `--resume` rebuilds the same
-pruned model and continues its checkpoints. The evaluation gains the row "student (pruned, no recovery)": the pruned model
-before any recovery step; "student (before)" is the unpruned student. `<run>/prune.json` holds what was removed
-and the scores that chose it.
+pruned model and continues its checkpoints. The evaluation gains the row "student (pruned, no recovery)": the
+pruned model before any recovery step; "student (before)" is the unpruned student. `<run>/prune.json` holds what
+was removed and the scores that chose it. The pruning runs in `prepare`, before the run directory is written, so
+counts the model cannot take leave nothing behind.
 """
 
 from __future__ import annotations
