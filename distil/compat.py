@@ -77,11 +77,12 @@ def _template_specials(template: str, tok: Any) -> list[str]:
 
 
 def check_teacher_data(teacher_tok: Any, student_tok: Any, *, student_model: Any = None, chat: bool = True,
-                       where: str = "teacher-written data") -> list[int]:
+                       where: str = "teacher-written data", ids_cross: bool = True) -> list[int]:
     """The pre-flight before teacher-written text is learned. Returns the student's turn-end ids (what every
-    learned answer ends with); raises DistilError with one line naming both tokenizers otherwise."""
+    learned answer ends with); raises DistilError with one line naming both tokenizers otherwise. `ids_cross`:
+    the teacher is handed the student's token ids (False: the method passes text, as SeqKD across tokenizers)."""
     t, s = name(teacher_tok), name(student_tok)
-    if teacher_tok.get_vocab() != student_tok.get_vocab():
+    if ids_cross and teacher_tok.get_vocab() != student_tok.get_vocab():
         raise DistilError(f"{where}: the teacher's tokenizer ({t}, {len(teacher_tok)} tokens) and the student's "
                           f"({s}, {len(student_tok)} tokens) differ; the teacher is given the student's token ids, "
                           f"so expected one vocabulary, found two")
@@ -91,7 +92,9 @@ def check_teacher_data(teacher_tok: Any, student_tok: Any, *, student_model: Any
                           f"student.chat_template: teacher (and student.eos_token) or data.chat_template: false")
     chat = chat and has_template(student_tok)
     if chat:
-        for token in _template_specials(student_tok.chat_template, teacher_tok):
+        specials = set(_template_specials(student_tok.chat_template, teacher_tok))
+        specials |= set(_template_specials(student_tok.chat_template, student_tok))
+        for token in sorted(specials):
             pieces = student_tok(token, add_special_tokens=False)["input_ids"]
             if len(pieces) != 1:
                 raise DistilError(f"{where}: the student's tokenizer ({s}) splits its chat template's special token "

@@ -18,7 +18,8 @@ from distil.eval.answers import format_answers, format_task, generation_eval
 from distil.eval.metrics import evaluate, format_table
 from distil.methods.contract import Trainable
 from distil.models import check_same_vocab, count_params, load_model, load_student, load_teacher
-from distil.pipeline import CONTROL, write_report
+from distil.methods import METHODS
+from distil.pipeline import CONTROL, pair_vocabulary, write_report
 from distil.recipe import load_recipe
 
 
@@ -69,18 +70,21 @@ def evaluate_target(target: str, overrides: list[str], student_dir: str | None =
         if not trained_dir.is_dir():
             raise DistilError(f"{trained_dir}: trained student directory not found")
         trained = load_model(str(trained_dir), teacher=teacher, role="student")
-        check_same_vocab(teacher, trained)
         rows[f"student ({recipe.distill.method})"] = trained.model
     if run_dir is not None:
         control = _control(run_dir, initial.model)
         if control is not None:
             rows[CONTROL] = control
-    vocab = check_same_vocab(teacher, initial)
-    _, eval_ex = data_mod.load_examples(recipe.data, teacher.tokenizer, recipe.seed)
-    results = evaluate(teacher.model, rows, eval_ex, batch_size=recipe.eval.batch_size,
-                       pad_id=data_mod.pad_id(teacher.tokenizer), vocab=vocab, chunk_size=recipe.distill.chunk_size)
+    vocab, shared = pair_vocabulary(METHODS[recipe.distill.method], recipe, teacher, initial)
+    if shared and trained_dir is not None:
+        check_same_vocab(teacher, trained)
+    _, eval_ex = data_mod.load_examples(recipe.data, initial.tokenizer, recipe.seed)
+    # across tokenizers the teacher cannot score the student's tokens: perplexities only
+    results = evaluate(teacher.model if shared else None, rows, eval_ex, batch_size=recipe.eval.batch_size,
+                       pad_id=data_mod.pad_id(initial.tokenizer), vocab=vocab, chunk_size=recipe.distill.chunk_size)
     params = {name: count_params(m) for name, m in rows.items()}
-    params["teacher"] = count_params(teacher.model)
+    if shared:
+        params["teacher"] = count_params(teacher.model)
     before: dict = {}
     if run_dir is not None:
         before = _previous(run_dir)
@@ -90,7 +94,8 @@ def evaluate_target(target: str, overrides: list[str], student_dir: str | None =
     table = format_table(results, params)
     generation = {}
     if recipe.eval.answers or recipe.eval.task:  # what each row writes, recomputed like the numbers
-        generation = generation_eval(recipe, {"teacher": teacher.model, **rows}, teacher.tokenizer, eval_ex)
+        teacher_row = teacher.model if shared else (teacher.model, teacher.tokenizer)
+        generation = generation_eval(recipe, {"teacher": teacher_row, **rows}, initial.tokenizer, eval_ex)
         if run_dir is not None and isinstance(before.get("generation"), dict):
             old_gen = before["generation"]
             if "task" in generation and isinstance(old_gen.get("task"), dict) and \

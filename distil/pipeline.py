@@ -27,7 +27,7 @@ from distil.eval.metrics import evaluate, format_table
 from distil.methods import METHODS
 from distil.methods.contract import Context, Phase, Trainable
 from distil.methods.hard_labels import build_hard_labels
-from distil.models import (Loaded, check_same_vocab, count_params, load_student,  # noqa: F401 (re-exported)
+from distil.models import (Loaded, check_same_vocab, count_params, load_student, tokenizer_name,  # noqa: F401
                            load_teacher)
 from distil.recipe import Recipe, dump_recipe, recipe_to_dict
 from distil.atomic import write_atomic
@@ -160,6 +160,24 @@ def run_phase(phase: Phase, ctx: Context, resume: str | None, acc: Any) -> Any:
     return res
 
 
+def pair_vocabulary(method: Any, recipe: Recipe, teacher: Loaded | None, student: Loaded) -> tuple[int, bool]:
+    """(the vocabulary size the losses use, whether teacher and student share one vocabulary). A method that
+    compares token distributions across two vocabularies is refused in one line naming both tokenizers and the
+    methods that do work across them."""
+    if teacher is None:
+        return len(student.tokenizer), True
+    tt, ts = teacher.tokenizer, student.tokenizer
+    if tt is ts or tt.get_vocab() == ts.get_vocab():
+        return check_same_vocab(teacher, student), True
+    if method.tokenizer_use(recipe) == "same":
+        across = ", ".join(f"{m.name} ({'without token-level KD' if callable(m.tokenizers) else 'text only'})"
+                           for m in METHODS.values() if m.tokenizers != "same") or "none"
+        raise DistilError(f"teacher tokenizer {tokenizer_name(tt)!r} ({len(tt)} tokens) and student tokenizer "
+                          f"{tokenizer_name(ts)!r} ({len(ts)} tokens) differ: method {method.name!r} compares token "
+                          f"distributions and needs one vocabulary; methods that work across tokenizers: {across}")
+    return len(ts), False
+
+
 def hard_label_control(initial: torch.nn.Module, ctx: Context) -> Phase:
     """The control row: the same initial student, data, steps and schedule, hard labels only."""
     control = copy.deepcopy(initial).train()
@@ -186,7 +204,7 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
     needs_teacher = method.teacher_use(recipe) == "train" or recipe.eval.enabled or recipe.student.source == "teacher"
     teacher = load_teacher(recipe, device) if needs_teacher else None
     student = load_student(recipe, teacher, device)
-    vocab = check_same_vocab(teacher, student) if teacher is not None else len(student.tokenizer)
+    vocab, shared = pair_vocabulary(method, recipe, teacher, student)
     for role, loaded in (("teacher", teacher), ("student", student)):
         limit = getattr(loaded.model.config, "max_position_embeddings", None) if loaded else None
         if limit and recipe.data.seq_len > limit:
@@ -245,16 +263,18 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
         rows = {"student (before)": initial, f"student ({method.name})": final, **rows, **stage.eval_rows()}
         teacher_model = ctx.teacher().model if recipe.teacher.source else None
         held_out = stage.eval_examples if stage.eval_examples is not None else eval_ex
-        results = evaluate(teacher_model, rows, held_out, batch_size=recipe.eval.batch_size, pad_id=pad,
+        # across tokenizers the teacher cannot score the student's tokens: perplexities only (no KL, no agreement)
+        results = evaluate(teacher_model if shared else None, rows, held_out, batch_size=recipe.eval.batch_size, pad_id=pad,
                            vocab=vocab, chunk_size=recipe.distill.chunk_size, device=device)
         params = {name: count_params(m) for name, m in rows.items()}
-        if teacher_model is not None:
+        if teacher_model is not None and shared:
             params["teacher"] = count_params(teacher_model)
         table = format_table(results, params)
         echo(table)
         if recipe.eval.answers or recipe.eval.task:  # what each row writes (answers, task accuracy, diversity)
-            generation = generation_eval(recipe, {**({"teacher": teacher_model} if teacher_model is not None else {}),
-                                                  **rows}, student.tokenizer, held_out)
+            teacher_row = {} if teacher_model is None else \
+                {"teacher": teacher_model if shared else (teacher_model, ctx.teacher().tokenizer)}
+            generation = generation_eval(recipe, {**teacher_row, **rows}, student.tokenizer, held_out)
             for block in (format_answers(generation), format_task(generation)):
                 if block:
                     echo(block)

@@ -55,6 +55,12 @@ def _generate(model: Any, tok: Any, prompts: list[list[int]], params: Any, batch
         model.train(was_training)
 
 
+def _split(row: Any, tok: Any) -> tuple[Any, Any]:
+    """A row is a model (it shares the student's tokenizer) or (model, its own tokenizer): a teacher across
+    tokenizers, asked the question text through its own chat template."""
+    return row if isinstance(row, tuple) else (row, tok)
+
+
 def answers(rows: dict[str, Any], tok: Any, prompts: list[tuple[str, list[int]]], *, max_new_tokens: int,
             batch_size: int) -> dict[str, Any]:
     """{"questions": [...], "answers": {row: [greedy answer per question]}}."""
@@ -62,9 +68,12 @@ def answers(rows: dict[str, Any], tok: Any, prompts: list[tuple[str, list[int]]]
 
     params = GenParams(max_new_tokens=max_new_tokens)
     ids = [p for _, p in prompts]
-    return {"questions": [q for q, _ in prompts], "prompt_ids": ids,
-            "answers": {name: [r["completion"].strip() for r in _generate(m, tok, ids, params, batch_size)]
-                        for name, m in rows.items()}}
+    out: dict[str, list[str]] = {}
+    for name, row in rows.items():
+        model, own = _split(row, tok)
+        asked = ids if own is tok else [q for q, _ in prompts]  # its own tokenizer: the question text
+        out[name] = [r["completion"].strip() for r in _generate(model, own, asked, params, batch_size)]
+    return {"questions": [q for q, _ in prompts], "prompt_ids": ids, "answers": out}
 
 
 def task_prompts(task: Any, size: int, tok: Any, recipe: Any) -> tuple[list[list[int]], list[Any]]:
@@ -86,13 +95,14 @@ def task_metrics(rows: dict[str, Any], tok: Any, recipe: Any) -> dict[str, dict]
 
     spec = recipe.eval
     task = TASKS[spec.task]
-    prompts, golds = task_prompts(task, spec.task_size, tok, recipe)
     out = {}
-    for name, model in rows.items():
-        greedy = _generate(model, tok, prompts, GenParams(max_new_tokens=spec.max_new_tokens), spec.batch_size)
+    for name, row in rows.items():
+        model, own = _split(row, tok)
+        prompts, golds = task_prompts(task, spec.task_size, own, recipe)
+        greedy = _generate(model, own, prompts, GenParams(max_new_tokens=spec.max_new_tokens), spec.batch_size)
         m = {"accuracy": generation_metrics(greedy, task, golds)["accuracy"]}
         if spec.samples > 1:
-            sampled = _generate(model, tok, prompts, GenParams(max_new_tokens=spec.max_new_tokens,
+            sampled = _generate(model, own, prompts, GenParams(max_new_tokens=spec.max_new_tokens,
                                                                temperature=spec.temperature, n=spec.samples,
                                                                seed=recipe.seed), spec.batch_size)
             s = generation_metrics(sampled, task, golds, ks=sorted({1, spec.samples}), distinct=(1, 2))

@@ -165,9 +165,16 @@ class Method:
     options: Optional[type] = None  # dataclass of the method's own recipe section
     section: Optional[str] = None  # its key in the recipe (defaults to the method's name)
     check: Optional[Callable[[Any, str], None]] = None  # cross-key checks at validation time
+    # "same": the method compares token distributions, so teacher and student share one vocabulary (checked before
+    # anything is loaded twice); "any": it learns the teacher's text only and works across tokenizers (the
+    # evaluation then has no KL/agreement columns). A function of the recipe when an option decides.
+    tokenizers: Literal["same", "any"] | Callable[[Any], str] = "same"
 
     def teacher_use(self, recipe: Any) -> TeacherUse:
         return self.teacher(recipe) if callable(self.teacher) else self.teacher
+
+    def tokenizer_use(self, recipe: Any) -> str:
+        return self.tokenizers(recipe) if callable(self.tokenizers) else self.tokenizers
 
     @property
     def section_name(self) -> str | None:

@@ -6,7 +6,10 @@ with `seqkd.token_kd` it also matches the teacher's token distributions on them 
 
 The prompts are the prompt parts of the training examples (their tokens before the first target), so prompt
 rendering, chat templates, BOS and the train/eval split are exactly `distil/data.py`'s; text-only data has no
-prompts and is refused. The teacher's answers are an artifact: `<output.dir>/<name>-seqkd/teacher.jsonl`, written
+prompts and is refused. Across tokenizers (a teacher of another family; `token_kd` off, it compares token
+distributions) the teacher is asked each record's question as text through its own chat template, and the
+student's examples are built from (question, answer) in the student's own format (multi-turn context is not
+carried over: the question is the last user message before the first answer). The teacher's answers are an artifact: `<output.dir>/<name>-seqkd/teacher.jsonl`, written
 by `distil.generate.generate` sample by sample with an identity sidecar (teacher weights, parameters, prompt ids),
 so an interrupted run resumes without duplicates and a corpus made by another teacher or with other parameters is
 refused, never reused.
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from distil.compat import check_teacher_data
-from distil.data import IGNORE, _eos
+from distil.data import IGNORE, _eos, encode_supervised
 from distil.errors import DistilError
 from distil.eval.answers import prompt_part
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable
@@ -83,6 +86,23 @@ def teacher_examples(prompts: list[list[int]], records: list[dict], tok: Any, se
     return out
 
 
+def text_examples(questions: list[str], records: list[dict], tok: Any, seq_len: int, chat: bool,
+                  end: list[int]) -> list[dict]:
+    """Across tokenizers: the teacher answered each question as text; the student's examples are built from
+    (question, answer) by data.py in the student's own format, exactly as a prompt/response record would be; an
+    answer cut at max_new_tokens loses the turn end the format appends (the student must not learn to stop there)."""
+    out = []
+    for r in records:
+        record = {"prompt": questions[r["prompt_index"]], "response": r["completion"]}
+        ex = encode_supervised(tok, record, "prompt_response", chat, f"seqkd: answer {r['prompt_index']}")
+        if r["finish_reason"] != "stop" and end and ex["input_ids"][-len(end):] == end:
+            ex = {k: v[: len(v) - len(end)] for k, v in ex.items()}
+        ex = {k: v[:seq_len] for k, v in ex.items()}
+        if any(v != IGNORE for v in ex["labels"][1:]):
+            out.append(ex)
+    return out
+
+
 def prepare(ctx: Context) -> list[dict]:
     """The teacher answers every training prompt (resumably); returns the training examples made of its answers."""
     from distil.generation.params import GenParams
@@ -94,10 +114,18 @@ def prepare(ctx: Context) -> list[dict]:
     if not any(prompts):
         raise DistilError(f"data.source: method 'seqkd' needs prompts (prompt/response or messages records: the "
                           f"teacher answers the prompts), found {ctx.recipe.data.source} with none")
+    # one vocabulary: the teacher is handed the prompts as the student's token ids (data.py's rendering, exactly);
+    # across tokenizers it is asked each record's question as text, through its own chat template
+    shared = ctx.teacher().tokenizer.get_vocab() == ctx.student.tokenizer.get_vocab()
     end = check_teacher_data(ctx.teacher().tokenizer, ctx.student.tokenizer, student_model=ctx.student.model,
-                             chat=ctx.recipe.data.chat_template, where="seqkd")
+                             chat=ctx.recipe.data.chat_template, where="seqkd", ids_cross=shared)
     keep = [i for i, p in enumerate(prompts) if p]
     prompts = [prompts[i] for i in keep]
+    questions = [ctx.train_examples[i].get("question") or "" for i in keep]
+    if not shared and not all(questions):
+        raise DistilError(f"data.source: seqkd across tokenizers asks the teacher each record's question as text; "
+                          f"expected prompt/response or messages records in {ctx.recipe.data.source}, found "
+                          f"examples without one")
     params = GenParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
                        top_k=spec.top_k, n=spec.n, seed=spec.seed, num_beams=spec.num_beams, stop=tuple(spec.stop)).check()
     out = corpus_path(ctx.recipe)
@@ -113,7 +141,7 @@ def prepare(ctx: Context) -> list[dict]:
             model, tok = load_for_backend({"source": t.source, "tokenizer": t.tokenizer}, "llamacpp")
         else:
             model, tok = ctx.teacher().model, ctx.teacher().tokenizer
-        result = generate(model, tok, prompts, params, out=out, batch_size=spec.batch_size,
+        result = generate(model, tok, prompts if shared else questions, params, out=out, batch_size=spec.batch_size,
                           model_name=ctx.recipe.teacher.source,
                           remedy=f"delete {out.parent} to make them again, or set seqkd.dir to keep both")
         cut = sum(r["finish_reason"] == "length" for r in result.records)
@@ -121,7 +149,11 @@ def prepare(ctx: Context) -> list[dict]:
                  f"{result.generated} generated, {cut} cut at seqkd.max_new_tokens)")
     ctx.wait()
     records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    examples = teacher_examples(prompts, records, ctx.student.tokenizer, ctx.recipe.data.seq_len, end)
+    if shared:
+        examples = teacher_examples(prompts, records, ctx.student.tokenizer, ctx.recipe.data.seq_len, end)
+    else:
+        examples = text_examples(questions, records, ctx.student.tokenizer, ctx.recipe.data.seq_len,
+                                 ctx.recipe.data.chat_template, end)
     if not examples:
         raise DistilError(f"{out}: the teacher's answers leave no training target (every answer is empty or cut "
                           f"away by data.seq_len={ctx.recipe.data.seq_len})")
@@ -155,6 +187,7 @@ METHOD = Method(
     summary="sequence-level KD: the teacher's own answers to the training prompts replace the references "
             "(seqkd.token_kd adds token-level KD on them)",
     teacher=lambda recipe: "train" if recipe.seqkd.token_kd else "prepare",
+    tokenizers=lambda recipe: "same" if recipe.seqkd.token_kd else "any",  # text alone crosses tokenizers
     prepare=prepare,
     build=stage,
     options=SeqKDSpec,
