@@ -243,3 +243,34 @@ def test_head_count_the_model_cannot_group_exits_2(tmp_path, tiny_teacher, capsy
     err = capsys.readouterr().err.strip()
     assert "prune.heads" in err and "\n" not in err
     assert not (tmp_path / "runs" / "p").exists()  # refused before the run directory is written
+
+
+def test_pruned_model_runs_in_llama_cpp_with_the_same_logits(tmp_path):
+    """Depth + MLP + heads + KV groups pruned (head_dim no longer hidden / heads): llama.cpp's F16 logits are
+    transformers' logits (cosine >= 0.9999 at every position)."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    from distil.export import export_gguf
+    from distil.testing import char_tokenizer, save_tiny_model
+
+    src = save_tiny_model(tmp_path / "src", num_hidden_layers=4, hidden_size=64, intermediate_size=128)
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    pruned, _ = P.prune(model, _spec(depth=3, mlp=0.5, heads=2, kv_heads=1), _batches())
+    pruned.save_pretrained(tmp_path / "pruned")
+    char_tokenizer().save_pretrained(tmp_path / "pruned")
+    export_gguf(tmp_path / "pruned", tmp_path / "m.gguf", "F16", modelfile=False)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False,
+                          n_threads=1, n_batch=64)
+    try:
+        seq = [1] + list(range(10, 30))
+        llm.eval(seq)
+        got = np.array(llm.scores[:llm.n_tokens])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        want = pruned.eval()(input_ids=torch.tensor([seq])).logits[0].numpy()
+    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cos.min() >= 0.9999, cos.min()
