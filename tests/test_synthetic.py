@@ -9,6 +9,7 @@ import yaml
 
 from distil.cli import main
 from distil.data import IGNORE
+from distil.models import load_tokenizer
 
 FILTERS = ["degenerate", "length", "repetition", "exact duplicates", "near duplicates", "contaminated"]
 
@@ -225,3 +226,18 @@ def test_validate_explains_the_section(capsys):
                 "synthetic.token_kd", "synthetic.keep_truncated"):
         assert key in out
     assert main(["validate", "recipes/synthetic_chat.yaml"]) == 0
+
+
+def test_without_a_prompt_source_the_recipes_training_prompts_are_used(tmp_path, tiny_teacher, capsys):
+    path = _recipe(tmp_path, tiny_teacher)
+    assert main(["run", str(path)]) == 0
+    base = tmp_path / "runs" / "s-synthetic"
+    prompts = [r["prompt"] for r in _jsonl(base / "teacher.jsonl")]
+    held = _jsonl(base / "heldout.jsonl")
+    assert len(prompts) == 4 and len(held) == 2  # 6 records, data.eval_size 2
+    # the held-out prompts (rendered ids) are the 2 questions missing from the training prompts
+    tok = load_tokenizer(str(tiny_teacher))
+    held_text = {tok.decode(r["prompt"]) for r in held}
+    missing = {f"question {i}?" for i in range(6)} - set(prompts)
+    assert len(missing) == 2 and all(any(q in h for h in held_text) for q in missing)
+    assert json.loads((base / "provenance.json").read_text())["prompts"]["source"] == str(tmp_path / "qa.jsonl")
