@@ -160,10 +160,11 @@ def sparsity_report(model: Any) -> dict[str, float]:
 
 
 def format_report(report: dict[str, float], layers: int) -> str:
-    """One line per decoder layer (the mean of its maps) and the total."""
+    """The total and the range of the per-layer means (every map's own number is in sparsity.json)."""
     per_layer = []
     for i in range(layers):
         vals = [v for k, v in report.items() if f".layers.{i}." in k]
         if vals:
-            per_layer.append(f"{i}: {100 * sum(vals) / len(vals):.1f}%")
-    return f"sparsity of the decoder linear maps: {100 * report['all']:.2f}% (per layer {', '.join(per_layer)})"
+            per_layer.append(sum(vals) / len(vals))
+    spread = f" (per layer {100 * min(per_layer):.1f}% .. {100 * max(per_layer):.1f}%)" if per_layer else ""
+    return f"sparsity of the decoder linear maps: {100 * report['all']:.2f}%{spread}"
