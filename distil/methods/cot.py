@@ -125,11 +125,12 @@ def select(records: Sequence[dict], golds: Sequence[Number | None], shortest: in
         gold = golds[p] if p < len(golds) else None
         finished = [r for r in samples if r["finish_reason"] == "stop"]
         good = [r for r in finished if gold is not None and verify(r["completion"], gold)]
-        chosen = good
-        if unique:
-            seen: set[str] = set()
-            chosen = [r for r in chosen if not (r["completion"] in seen or seen.add(r["completion"]))]
-        chosen = sorted(chosen, key=lambda r: (r["completion_tokens"], r["sample_index"]))
+        chosen, seen = [], set()
+        for r in good:  # in sample order, so the first copy of a repeated trace is the one kept
+            if not (unique and r["completion"] in seen):
+                chosen.append(r)
+                seen.add(r["completion"])
+        chosen.sort(key=lambda r: (r["completion_tokens"], r["sample_index"]))
         if shortest:
             chosen = chosen[:shortest]
         kept.extend(chosen)
