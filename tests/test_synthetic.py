@@ -191,9 +191,13 @@ def test_builtin_topics_and_questions():
 
 def test_a_task_keeps_only_answers_that_verify(tmp_path, tiny_teacher, capsys):
     path = _recipe(tmp_path, tiny_teacher, task="sum3", max_prompts=4, min_tokens=0, max_repetition=1.0)
-    assert main(["run", str(path)]) == 2  # random characters never sum three numbers right
+    assert main(["run", str(path), "data.chat_template=false"]) == 2  # random characters never sum three numbers
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "(4 samples: degenerate -" in err and "verifier -" in err
+    # without chat templates in the data, the teacher is asked the bare prompt ('12+345+67=': one id per character)
+    records = _jsonl(tmp_path / "runs" / "s-synthetic" / "teacher.jsonl")
+    assert len(records) == 4 and all(r["prompt_tokens"] == len(r["prompt"]) for r in records)
+    assert all(r["prompt"].endswith("=") for r in records)
 
 
 def test_token_kd_trains_on_the_teachers_logits(tmp_path, tiny_teacher):

@@ -217,14 +217,17 @@ def recipe_prompts(ctx: Context, held: list[list[int]]) -> list[Any]:
 # -- generation ----------------------------------------------------------------------------------------------------
 
 
-def _params(spec: Any, questions: bool = False) -> Any:
+def _params(recipe: Any, questions: bool = False) -> Any:
+    """Generation parameters; prompts are rendered with the chat template exactly when the training examples are
+    (data.chat_template), so a teacher trained on bare prompts is asked bare prompts."""
     from distil.generation.params import GenParams
 
+    spec, chat = recipe.synthetic, (None if recipe.data.chat_template else False)
     if questions:
         return GenParams(max_new_tokens=spec.question_max_tokens, temperature=spec.question_temperature,
-                         n=spec.questions_per_template, seed=spec.seed).check()
+                         n=spec.questions_per_template, seed=spec.seed, chat=chat).check()
     return GenParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                     top_k=spec.top_k, n=spec.n, seed=spec.seed).check()
+                     top_k=spec.top_k, n=spec.n, seed=spec.seed, chat=chat).check()
 
 
 class _Teacher:
@@ -412,7 +415,7 @@ def prepare(ctx: Context) -> dict:
         golds = golds[:spec.max_prompts] if golds is not None else None
 
     teacher = _Teacher(ctx)
-    answer_params = _params(spec)
+    answer_params = _params(recipe)
     provenance: dict = {"method": "synthetic", "teacher": recipe.teacher.source, "backend": spec.backend,
                         "answers": answer_params.record(), "seed": spec.seed}
     # the held-out prompts: the teacher answers them too; their answers are the eval's targets and decontaminate
@@ -431,7 +434,7 @@ def prepare(ctx: Context) -> dict:
         if not asks:
             raise DistilError(f"{spec.topics}: synthetic.topics: no topic left ({len(topics)} read, "
                               f"{len(topics) - len(usable)} named in a held-out prompt)")
-        q_params = _params(spec, questions=True)
+        q_params = _params(recipe, questions=True)
         q_path = base / "questions.jsonl"
         if ctx.main:
             teacher.generate(asks, q_params, q_path, "questions written")
