@@ -38,8 +38,8 @@ ROWS = {
     "sparse_wanda_2of4": ("recipes/sparse_wanda.yaml", ["sparse.pattern=2:4", "train.steps=1"],
                           "student (sparse, no recovery)", None),
     "prune_depth": ("recipes/prune_depth.yaml", [STEPS], "student (pruned, no recovery)", "student (prune)"),
-    "prune_depth_uniform": ("recipes/prune_depth.yaml", ["prune.depth_score=uniform", "train.steps=1"],
-                            "student (pruned, no recovery)", None),
+    "prune_depth_uniform": ("recipes/prune_depth.yaml", ["prune.depth_score=uniform", STEPS],
+                            "student (pruned, no recovery)", "student (prune)"),
     "prune_width": ("recipes/prune_width.yaml", [STEPS], "student (pruned, no recovery)", "student (prune)"),
 }
 
