@@ -183,7 +183,8 @@ def test_builtin_topics_and_questions():
     assert both[:len(pydoc)] == pydoc and "enumerate" in both and "zip" in both and not any(t.startswith("_")
                                                                                            for t in both)
     assert "json" in read_topics("builtin:stdlib") and hasattr(builtins, "len")
-    assert clean_question('A beginner might ask: "What is the `assert` statement?"') == "What is the `assert` statement?"
+    asked = 'A beginner might ask: "What is the `assert` statement?"'
+    assert clean_question(asked) == "What is the `assert` statement?"
     assert clean_question("Question: How does `a.b()` work?\nAnswer: ...") == "How does `a.b()` work?"
     assert clean_question("In Python, the for loop repeats.") == ""
     assert named_in("for", [["explain", "the", "for", "loop"]]) and not named_in("for loop", [["for", "the", "loop"]])

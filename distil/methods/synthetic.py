@@ -67,7 +67,7 @@ TOPIC_SOURCES = ("pydoc", "builtins", "stdlib")
 
 @dataclass
 class SyntheticSpec:
-    """Synthetic-data distillation: the teacher writes a corpus (from prompts or topics), it is filtered, saved, learned."""
+    """Synthetic-data distillation: the teacher writes a corpus (prompts or topics); it is filtered, saved, learned."""
 
     prompts: str = option("", "Seed prompts file (.jsonl with 'prompt' or 'messages', or .txt one per line); empty = "
                           "the topics, the task, or else the prompts of the recipe's training data.")
