@@ -68,7 +68,11 @@ class LlamaCppModel:
         from distil.models import check_gguf
 
         check_gguf(self.path)
-        self.n_threads = n_threads
+        # llama-cpp-python's own default is half the CPUs (1 of 2 here: half the speed); torch's thread count is
+        # what the run asked for (train.threads / --threads) or the machine's cores
+        import torch
+
+        self.n_threads = n_threads or torch.get_num_threads()
         self.llm = None
         self._load(n_ctx)
 

@@ -6,21 +6,17 @@ recipe and tests (docs/design.md, "Adding a method in one file"). `pipeline.run`
 change.
 """
 
-from distil.methods import cache, hard_labels, offline, seqkd
-from distil.methods import synthetic
-from distil.methods import cot
-from distil.methods import prune
-from distil.methods import sparse
-from distil.methods import ptq, qat
-from distil.methods import onpolicy
-from distil.methods import preference
+from distil.methods import (cache, cot, hard_labels, offline, onpolicy, preference, prune, ptq, qat, seqkd, sparse,
+                            synthetic)
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable, count_targets, unwrap  # noqa: F401
 
 # Recipe `distill.method` name -> Method.
-METHODS: dict[str, Method] = {m.name: m for m in (offline.METHOD, hard_labels.METHOD, cache.METHOD, seqkd.METHOD,
-                                                       synthetic.METHOD, cot.METHOD, prune.METHOD, sparse.METHOD,
-                                                       ptq.METHOD, qat.METHOD,
-                                                       onpolicy.METHOD, preference.METHOD)}
+METHODS: dict[str, Method] = {m.name: m for m in (
+    offline.METHOD, hard_labels.METHOD, cache.METHOD,  # response-based, from live logits or a cache
+    seqkd.METHOD, synthetic.METHOD, cot.METHOD,  # the teacher writes the data
+    onpolicy.METHOD, preference.METHOD,  # the student writes, the teacher judges
+    prune.METHOD, sparse.METHOD, ptq.METHOD, qat.METHOD,  # compression, recovered by distillation
+)}
 
 # The loss-function builders (builder(teacher_or_cache, distill_spec, vocab) -> loss_fn), for tests and benchmarks.
 from distil.methods.cache import build_cache  # noqa: E402,F401
