@@ -40,6 +40,17 @@ def run_batches(model: Any, batches: list[dict], state: dict) -> Iterator[None]:
         model.train(was_training)
 
 
+def run_hooked(model: Any, batches: list[dict], state: dict, hooks: list) -> None:
+    """Run every calibration batch (`run_batches`) with the forward hooks that collect the statistics installed,
+    then remove them, whatever happens."""
+    try:
+        for _ in run_batches(model, batches, state):
+            pass
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def valid_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, T, ...] -> [N, ...]: the rows at real tokens, as float64 (statistics are accumulated in float64)."""
     return x[mask].double()

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from distil.compress.calibration import run_batches, valid_rows
+from distil.compress.calibration import run_hooked, valid_rows
 from distil.errors import DistilError
 from distil.options import option
 
@@ -158,12 +158,7 @@ def block_influence(model: Any, batches: list[dict]) -> list[float]:
 
     for i, layer in enumerate(layers):
         hooks.append(layer.register_forward_hook(hook(i), with_kwargs=True))
-    try:
-        for _ in run_batches(model, batches, state):
-            pass
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, batches, state, hooks)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     return [float(v) for v in 1.0 - sums / tokens]
 
@@ -236,12 +231,7 @@ def width_scores(model: Any, batches: list[dict]) -> WidthScores:
     for i, layer in enumerate(layers):
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(on_down(i)))
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(on_o(i)))
-    try:
-        for _ in run_batches(model, batches, state):
-            pass
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, batches, state, hooks)
     return WidthScores(mlp=[m.sqrt() for m in mlp], heads=[h.sqrt() for h in heads])
 
 

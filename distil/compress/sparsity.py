@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from distil.compress.calibration import run_batches, valid_rows
+from distil.compress.calibration import run_hooked, valid_rows
 from distil.errors import DistilError
 from distil.options import option
 
@@ -79,12 +79,7 @@ def input_norms(model: Any, batches: list[dict]) -> dict[str, torch.Tensor]:
         return fn
 
     hooks = [lin.register_forward_pre_hook(hook(name)) for name, lin in layers.items()]
-    try:
-        for _ in run_batches(model, batches, state):
-            pass
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, batches, state, hooks)
     return {name: s.sqrt() for name, s in sums.items()}
 
 

@@ -40,9 +40,7 @@ from distil.eval.tasks import ANSWER_MARKER, Number, extract_answer, verify
 from distil.heads import shift
 from distil.losses import LossOutput, hard_ce
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable
-from distil.methods.hard_labels import build_hard_labels
-from distil.methods.offline import build_offline
-from distil.methods.seqkd import prompt_ids
+from distil.methods.seqkd import prompt_ids, teacher_text_loss
 from distil.options import option
 
 
@@ -321,10 +319,8 @@ def stage(ctx: Context) -> Stage:
     if spec.step_by_step:
         task = torch.tensor([ex["task"] for ex in corpus.examples])
         loss_fn = build_step_by_step(task, spec.rationale_weight, ctx.vocab)
-    elif spec.token_kd:
-        loss_fn = build_offline(ctx.teacher().model, ctx.recipe.distill, ctx.vocab, echo=ctx.echo)
     else:
-        loss_fn = build_hard_labels(vocab=ctx.vocab)
+        loss_fn = teacher_text_loss(ctx, spec.token_kd)
     return Stage(phases=[Phase(name="cot", module=Trainable(ctx.student.model), loss_fn=loss_fn,
                                examples=corpus.examples)])
 

@@ -173,13 +173,17 @@ def check(recipe: Any, where: str) -> None:
                           f"found temperature {spec.temperature}, backend {spec.backend}")
 
 
+def teacher_text_loss(ctx: Context, token_kd: bool):
+    """The loss of the methods that learn the teacher's text: cross-entropy on it, or with `token_kd` also the
+    teacher's token distributions on the same tokens (the `distill` section's loss, temperature and alpha)."""
+    if token_kd:
+        return build_offline(ctx.teacher().model, ctx.recipe.distill, ctx.vocab, echo=ctx.echo)
+    return build_hard_labels(vocab=ctx.vocab)
+
+
 def stage(ctx: Context) -> Stage:
-    if ctx.recipe.seqkd.token_kd:
-        loss_fn = build_offline(ctx.teacher().model, ctx.recipe.distill, ctx.vocab, echo=ctx.echo)
-    else:
-        loss_fn = build_hard_labels(vocab=ctx.vocab)
-    return Stage(phases=[Phase(name="seqkd", module=Trainable(ctx.student.model), loss_fn=loss_fn,
-                               examples=ctx.artifact)])
+    return Stage(phases=[Phase(name="seqkd", module=Trainable(ctx.student.model),
+                               loss_fn=teacher_text_loss(ctx, ctx.recipe.seqkd.token_kd), examples=ctx.artifact)])
 
 
 METHOD = Method(

@@ -51,9 +51,7 @@ from distil.errors import DistilError
 from distil.eval.tasks import TaskName, get_task, verify
 from distil.generation import filters as F
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable
-from distil.methods.hard_labels import build_hard_labels
-from distil.methods.offline import build_offline
-from distil.methods.seqkd import prompt_ids, teacher_examples
+from distil.methods.seqkd import prompt_ids, teacher_examples, teacher_text_loss
 from distil.options import option
 
 # Self-instruct templates: the teacher writes one question per (topic, template, sample).
@@ -511,10 +509,7 @@ def check(recipe: Any, where: str) -> None:
 
 
 def stage(ctx: Context) -> Stage:
-    if ctx.recipe.synthetic.token_kd:
-        loss_fn = build_offline(ctx.teacher().model, ctx.recipe.distill, ctx.vocab, echo=ctx.echo)
-    else:
-        loss_fn = build_hard_labels(vocab=ctx.vocab)
+    loss_fn = teacher_text_loss(ctx, ctx.recipe.synthetic.token_kd)
     return Stage(phases=[Phase(name="synthetic", module=Trainable(ctx.student.model), loss_fn=loss_fn,
                                examples=ctx.artifact["train"])], eval_examples=ctx.artifact["eval"])
 
