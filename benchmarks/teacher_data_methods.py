@@ -83,8 +83,9 @@ TEACHER_DIR = ROOT / "runs" / "arithmetic_teacher" / "student"
 ROWS = {
     "gold answers only": ["distill.method=hard_labels", "data.source=builtin:sum3_answers"],
     "SeqKD": ["distill.method=seqkd", "seqkd.max_new_tokens=40", "seqkd.batch_size=256"],
+    # as many task questions as the CoT rows see (the recipe's 1,900 training records), one answer each
     "synthetic": ["distill.method=synthetic", "synthetic.task=sum3", "synthetic.max_new_tokens=40",
-                  "synthetic.batch_size=256", "synthetic.min_tokens=0"],
+                  "synthetic.batch_size=256", "synthetic.min_tokens=0", "synthetic.max_prompts=1900"],
     "CoT (rejection sampling)": [],
     "CoT + token KD": ["cot.token_kd=true"],
 }
