@@ -463,3 +463,18 @@ def load_student(recipe: Any, teacher: Loaded | None, device: Any = "cpu") -> Lo
             for p in module.parameters():
                 p.requires_grad_(False)
     return student
+
+
+def save_student(student: Loaded, target: Path) -> Path:
+    """Save as a Hugging Face directory, atomically (temp dir, then rename)."""
+    tmp = target.parent / f".tmp-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.model.save_pretrained(tmp, safe_serialization=True)
+    student.tokenizer.save_pretrained(tmp)
+    old = target.parent / f".old-{target.name}"
+    if target.exists():  # rename away first: a kill here leaves the previous student under one of two names
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target

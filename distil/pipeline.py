@@ -28,7 +28,7 @@ from distil.methods import METHODS
 from distil.methods.contract import Context, Phase, Trainable
 from distil.methods.hard_labels import build_hard_labels
 from distil.models import (Loaded, check_same_vocab, count_params, load_student, tokenizer_name,  # noqa: F401
-                           load_teacher)
+                           load_teacher, save_student)
 from distil.recipe import Recipe, dump_recipe, recipe_to_dict
 from distil.atomic import write_atomic
 from distil.checkpoint import list_checkpoints, resolve_resume
@@ -116,21 +116,6 @@ def prepare_run_dir(recipe: Recipe, resume: str | None, overwrite: bool) -> Path
     except OSError as exc:
         raise DistilError(f"{run_dir}: output.dir: cannot write the run directory ({exc.strerror or exc})") from None
     return run_dir
-
-
-def save_student(student: Loaded, target: Path) -> Path:
-    """Save as a Hugging Face directory, atomically (temp dir, then rename)."""
-    tmp = target.parent / f".tmp-{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.model.save_pretrained(tmp, safe_serialization=True)
-    student.tokenizer.save_pretrained(tmp)
-    old = target.parent / f".old-{target.name}"
-    if target.exists():  # rename away first: a kill here leaves the previous student under one of two names
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,7 +117,8 @@ def test_ptq_recipe_reports_the_quality_loss(tmp_path, tiny_teacher):
     assert main(["run", str(path)]) == 0
     run = tmp_path / "runs" / "q"
     results = json.loads((run / "eval.json").read_text())["results"]
-    assert results["student (before)"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the teacher itself
+    # the teacher itself: a KL of identical distributions, up to fp32 rounding of a sum over 49k terms per token
+    assert abs(results["student (before)"]["kl"]) < 1e-4
     assert results["student (ptq)"]["kl"] > 1e-6
     student = AutoModelForCausalLM.from_pretrained(run / "student")
     w = student.model.layers[0].mlp.up_proj.weight.detach()

@@ -82,8 +82,7 @@ def prune_to_dir(recipe: Any, out: str, overwrite: bool = False, echo: Any = pri
     from pathlib import Path
 
     from distil import data as data_mod
-    from distil.models import Loaded, load_student, load_teacher
-    from distil.pipeline import save_student
+    from distil.models import Loaded, load_student, load_teacher, save_student
 
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
