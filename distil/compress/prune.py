@@ -16,6 +16,18 @@ j still reads KV group j // (heads / kv_heads). Every layer keeps the same count
 
 Removing neuron j is exactly zeroing its row of gate/up (act(0) * 0 = 0); removing a head is exactly zeroing
 its columns of o_proj: the sliced model computes what the masked full model computes (tested to fp32).
+
+Hidden channels (Minitron's embedding-channel pruning): channel c of the residual stream scores
+sqrt(sum over every RMSNorm output (input_layernorm and post_attention_layernorm of every layer, and the final
+norm) and every real calibration token of y_c^2), the L2 norm of what the norms hand to the linear maps and the
+head in that channel (Minitron takes the LayerNorm outputs; we aggregate them as one L2 norm over tokens and
+norms). The `hidden_size - H'` lowest channels go from every tensor that has the hidden axis: the embedding's
+columns (and so the tied head's), every norm weight, the input columns of q/k/v/gate/up and lm_head, the output
+rows of o_proj/down_proj (and their biases). An RMSNorm over H' channels of a vector whose removed channels were
+0 divides by sqrt(H / H') times its RMS over H channels, so every norm weight is multiplied by sqrt(H / H'):
+the sliced model then computes what the full model computes with those residual channels held at zero (their
+embedding columns and o_proj/down_proj rows zeroed), exactly up to the norms' epsilon (eps stays as configured:
+qwen3's per-head q/k norms share it). A channel that is zero everywhere can thus be sliced away for free.
 """
 
 from __future__ import annotations
@@ -49,11 +61,14 @@ class PruneSpec:
         "first and last included: the control).")
     mlp: float = option(0.0, "Fraction of MLP intermediate neurons removed in every layer (0 = none), the lowest "
                         "activation norms on calibration tokens.", ge=0.0, lt=1.0)
+    hidden: float = option(0.0, "Fraction of hidden (residual-stream, embedding) channels removed from every "
+                           "tensor (0 = none), the lowest activation norms of the RMSNorm outputs on calibration "
+                           "tokens (Minitron's embedding-channel pruning).", ge=0.0, lt=1.0)
     heads: int = option(0, "Query heads kept per layer (0 = all of the kept KV groups'); must be a multiple of the "
                         "KV groups kept.", ge=0)
     kv_heads: int = option(0, "KV groups (key/value heads) kept per layer (0 = all).", ge=0)
-    multiple_of: int = option(1, "Round the kept MLP width down to a multiple of this (e.g. 256: k-quant "
-                              "super-blocks of the GGUF export).", gt=0)
+    multiple_of: int = option(1, "Round the kept MLP and hidden widths down to a multiple of this (e.g. 256: "
+                              "k-quant super-blocks of the GGUF export).", gt=0)
     calib_examples: int = option(64, "Calibration examples (the first of the training data).", gt=0)
     calib_batch: int = option(8, "Calibration examples per forward.", gt=0)
 
@@ -71,6 +86,8 @@ class PruneReport:
     heads_kept: int = 0
     kv_before: int = 0
     kv_kept: int = 0
+    hidden_before: int = 0
+    hidden_kept: int = 0
     params_before: int = 0
     params_after: int = 0
 
@@ -80,6 +97,8 @@ class PruneReport:
             bits.append(f"MLP width {self.mlp_before} -> {self.mlp_kept}")
         if (self.heads_kept, self.kv_kept) != (self.heads_before, self.kv_before):
             bits.append(f"heads {self.heads_before}/{self.kv_before} KV -> {self.heads_kept}/{self.kv_kept} KV")
+        if self.hidden_kept != self.hidden_before:
+            bits.append(f"hidden {self.hidden_before} -> {self.hidden_kept}")
         return (f"pruned: {', '.join(bits)}; parameters {self.params_before / 1e6:.2f}M -> "
                 f"{self.params_after / 1e6:.2f}M")
 
@@ -241,9 +260,11 @@ def _topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def mlp_width(intermediate: int, ratio: float, multiple_of: int = 1) -> int:
+def mlp_width(intermediate: int, ratio: float, multiple_of: int = 1, key: str = "prune.mlp") -> int:
+    """Width kept when the fraction `ratio` of `intermediate` goes, rounded down to a multiple of `multiple_of`
+    (never below one multiple, never above the width)."""
     if not 0.0 <= ratio < 1.0:
-        raise DistilError(f"prune.mlp: expected a fraction of neurons to remove in [0, 1), found {ratio}")
+        raise DistilError(f"{key}: expected a fraction to remove in [0, 1) (0 = none), found {ratio}")
     keep = int(math.floor(intermediate * (1.0 - ratio) + 1e-9))
     keep = max(multiple_of, keep // multiple_of * multiple_of)
     return min(keep, intermediate)
@@ -339,30 +360,104 @@ def mask_width(model: Any, plan: dict) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
+# Hidden channels: activation importance of the residual stream's channels
+
+
+def _norms(model: Any) -> list[Any]:
+    """Every RMSNorm whose output feeds linear maps or the head: input_layernorm and post_attention_layernorm of
+    every layer, and the final norm."""
+    out = []
+    for layer in decoder_layers(model):
+        out += [layer.input_layernorm, layer.post_attention_layernorm]
+    return out + [model.model.norm]
+
+
+def hidden_scores(model: Any, batches: list[dict]) -> torch.Tensor:
+    """[hidden] importance of every residual channel: the L2 norm over real calibration tokens and over every
+    RMSNorm output (`_norms`) of that channel, accumulated in float64."""
+    total = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+    state: dict = {}
+
+    def fn(module, args, output):
+        total.add_(valid_rows(output, state["mask"]).pow(2).sum(0))
+
+    hooks = [norm.register_forward_hook(fn) for norm in _norms(model)]
+    run_hooked(model, batches, state, hooks)
+    return total.sqrt()
+
+
+def slice_hidden(model: Any, keep: list[int]) -> Any:
+    """A copy of the model with only the residual channels `keep` (increasing), every tensor with the hidden axis
+    sliced consistently, and the norm weights multiplied by sqrt(H / H') (module docstring)."""
+    config = copy.deepcopy(model.config)
+    old, new = config.hidden_size, len(keep)
+    config.head_dim = _head_dim(config)  # no longer hidden / heads
+    config.hidden_size = new
+    idx = torch.tensor(keep, dtype=torch.long)
+    gain = math.sqrt(old / new)
+    state = {}
+    for key, value in model.state_dict().items():
+        v = value.detach()
+        if key in ("model.embed_tokens.weight", "lm_head.weight") or key.endswith(
+                ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")):
+            v = v[:, idx]  # [out, hidden]: the input columns
+        elif key.endswith(("o_proj.weight", "down_proj.weight", "o_proj.bias", "down_proj.bias")):
+            v = v[idx]  # [hidden, in] / [hidden]: the output rows
+        elif key.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")) or key == "model.norm.weight":
+            v = v[idx] * gain
+        elif any(d == old for d in v.shape) and not key.endswith(
+                ("q_norm.weight", "k_norm.weight", "inv_freq", "_proj.bias")):
+            raise RuntimeError(f"prune: the hidden slicer does not know tensor {key} {list(v.shape)}")  # a bug
+        state[key] = v.clone()
+    return rebuild(model, config, state)
+
+
+def mask_hidden(model: Any, keep: list[int]) -> Any:
+    """The reference the hidden-sliced model must equal (up to the norms' eps): a copy of the full model whose
+    removed residual channels are held at zero (their embedding columns and o_proj/down_proj rows zeroed; tests)."""
+    masked = copy.deepcopy(model)
+    gone = sorted(set(range(model.config.hidden_size)) - set(keep))
+    with torch.no_grad():
+        masked.model.embed_tokens.weight[:, gone] = 0.0
+        for layer in decoder_layers(masked):
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                lin.weight[gone] = 0.0
+                if lin.bias is not None:
+                    lin.bias[gone] = 0.0
+    return masked
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def prune(model: Any, spec: Any, batches: list[dict]) -> tuple[Any, PruneReport]:
-    """Depth first (Block Influence on the full model), then width (importance on the depth-pruned model)."""
+    """Depth first (Block Influence on the full model), then width: neurons, heads and hidden channels, all
+    scored on the depth-pruned model before any of them is sliced."""
     check_sliceable(model)
     config = model.config
     n = config.num_hidden_layers
     report = PruneReport(layers_before=n, layers_kept=list(range(n)), mlp_before=config.intermediate_size,
                          heads_before=config.num_attention_heads, kv_before=config.num_key_value_heads,
-                         params_before=count_params(model))
+                         hidden_before=config.hidden_size, params_before=count_params(model))
     # validate every count before the (expensive) scoring
     if spec.depth and spec.depth > n:
         raise DistilError(f"prune.depth: expected 1..{n} layers to keep (the model has {n}), found {spec.depth}")
     new_i = mlp_width(config.intermediate_size, spec.mlp, spec.multiple_of)
     new_h, new_kv = head_counts(config, spec.heads, spec.kv_heads)
+    new_hidden = mlp_width(config.hidden_size, getattr(spec, "hidden", 0.0), spec.multiple_of, "prune.hidden")
     out = model
     if spec.depth and spec.depth < n:
         scores = block_influence(model, batches) if spec.depth_score == "block_influence" else [0.0] * n
         report.block_influence = scores if spec.depth_score == "block_influence" else []
         report.layers_kept = choose_layers(scores, spec.depth, spec.depth_score)
         out = keep_layers(model, report.layers_kept)
+    # every width is scored on the same (depth-pruned) model, before any width is sliced (Minitron)
+    channels = hidden_scores(out, batches) if new_hidden != config.hidden_size else None
     if (new_i, new_h, new_kv) != (config.intermediate_size, config.num_attention_heads, config.num_key_value_heads):
         out = slice_width(out, width_plan(out, width_scores(out, batches), spec))
-    report.mlp_kept, report.heads_kept, report.kv_kept = new_i, new_h, new_kv
+    if channels is not None:
+        out = slice_hidden(out, _topk_sorted(channels, new_hidden))
+    report.mlp_kept, report.heads_kept, report.kv_kept, report.hidden_kept = new_i, new_h, new_kv, new_hidden
     report.params_after = count_params(out)
     if out is model:
         out = copy.deepcopy(model)

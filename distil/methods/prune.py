@@ -1,8 +1,8 @@
 """Structured pruning, then distillation to recover (Minitron's recipe): the student (usually `student.source:
-teacher`) is pruned in depth (Block Influence) and/or width (MLP neurons, attention heads / KV groups) on
-calibration data (the first training examples), physically sliced into a smaller model (distil/compress/prune.py),
-and that model is trained against the frozen teacher's logits with the `distill` section's loss, as method
-`offline` trains.
+teacher`) is pruned in depth (Block Influence) and/or width (MLP neurons, attention heads / KV groups, hidden
+channels) on calibration data (the first training examples), physically sliced into a smaller model
+(distil/compress/prune.py), and that model is trained against the frozen teacher's logits with the `distill`
+section's loss, as method `offline` trains.
 
 The pruning is deterministic (the same student and data give the same model), so `--resume` rebuilds the same
 pruned model and continues its checkpoints. The evaluation gains the row "student (pruned, no recovery)": the
@@ -53,9 +53,9 @@ def stage(ctx: Context) -> Stage:
 
 def check(recipe: Any, where: str) -> None:
     spec = recipe.prune
-    if not (spec.depth or spec.mlp or spec.heads or spec.kv_heads):
-        raise DistilError(f"{where}: prune: expected something to prune (prune.depth, prune.mlp, prune.heads or "
-                          f"prune.kv_heads), found all unset")
+    if not (spec.depth or spec.mlp or spec.hidden or spec.heads or spec.kv_heads):
+        raise DistilError(f"{where}: prune: expected something to prune (prune.depth, prune.mlp, prune.hidden, "
+                          f"prune.heads or prune.kv_heads), found all unset")
     if recipe.eval.hard_label_baseline:
         raise DistilError(f"{where}: eval.hard_label_baseline: the control would train the unpruned student; "
                           f"expected false with method prune, found true")
@@ -66,8 +66,8 @@ def check(recipe: Any, where: str) -> None:
 
 METHOD = Method(
     name="prune",
-    summary="structured pruning (layers by Block Influence, MLP neurons and attention heads by activation "
-            "importance), then the teacher's logits recover the sliced student",
+    summary="structured pruning (layers by Block Influence; MLP neurons, attention heads and hidden channels by "
+            "activation importance), then the teacher's logits recover the sliced student",
     teacher="train",
     build=stage,
     prepare=prepare,
@@ -89,9 +89,9 @@ def prune_to_dir(recipe: Any, out: str, overwrite: bool = False, echo: Any = pri
         raise DistilError(f"{target}: --out: expected a new or empty directory, found one with files "
                           f"(pass --overwrite to replace it)")
     spec = recipe.prune
-    if not (spec.depth or spec.mlp or spec.heads or spec.kv_heads):
-        raise DistilError("prune: expected something to prune (prune.depth, prune.mlp, prune.heads or "
-                          "prune.kv_heads), found all unset")
+    if not (spec.depth or spec.mlp or spec.hidden or spec.heads or spec.kv_heads):
+        raise DistilError("prune: expected something to prune (prune.depth, prune.mlp, prune.hidden, prune.heads "
+                          "or prune.kv_heads), found all unset")
     teacher = load_teacher(recipe) if recipe.student.source == "teacher" else None
     student = load_student(recipe, teacher)
     del teacher
