@@ -139,7 +139,7 @@ def run_phase(phase: Phase, ctx: Context, resume: str | None, acc: Any) -> Any:
     res = train(phase.module, phase.loss_fn, phase.examples, recipe.train, run_dir=phase_dir, seed=recipe.seed,
                 pad_id=ctx.pad_id,
                 resume=_phase_resume(resume, phase_dir / "checkpoints"), accelerator=acc, tag=phase.name,
-                count=phase.count, before_step=phase.before_step, after_step=phase.after_step)
+                count=phase.count, before_step=phase.before_step, after_step=phase.after_step, collate=phase.collate)
     echo(f"{phase.name}: trained {res.steps} steps, {res.tokens} target tokens in {res.seconds:.0f}s "
          f"({res.tokens / max(res.seconds, 1e-9):.0f} tokens/s); final loss {res.last_loss:.4f}")
     return res

@@ -28,7 +28,7 @@ import torch
 
 from distil.checkpoint import (CKPT_PREFIX, STATE_FILE, list_checkpoints,  # noqa: F401
                                load_checkpoint, resolve_resume, retire_newer, save_checkpoint, truncate_metrics)
-from distil.data import collate, micro_batch
+from distil.data import collate as lm_collate, micro_batch
 from distil.errors import crash_point
 from distil.methods.contract import count_targets
 from distil.rng import gather_rng
@@ -96,9 +96,15 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
           pad_id: int, resume: str | None = None, accelerator: Any = None, tag: str = "train",
           count: Callable[[dict], int] = count_targets,
           before_step: Callable[[Any, list[dict], int], list[dict]] | None = None,
-          after_step: Callable[[Any, int], None] | None = None) -> TrainResult:
+          after_step: Callable[[Any, int], None] | None = None,
+          collate: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None) -> TrainResult:
     """Train `model` (a methods.contract.Trainable, or any module) in place with
     `loss_fn(model, batch, num_items) -> LossOutput`.
+
+    `examples` is anything with len() and [i] (a list, a map-style torch Dataset); each micro-batch is the list of
+    its examples in the data order (`data.micro_batch`) turned into a dict of tensors by `collate(items)`: by
+    default the language-model collate (`data.collate(items, pad_id)`: right-padded input_ids, labels,
+    attention_mask); the Python API (distil/api.py) passes one that stacks (x, y) pairs or dicts of tensors.
 
     Per step: the micro-batches of the data order, `before_step(model, batches, step)` (may replace them, e.g.
     with the student's own samples), `num_items` = sum of `count(batch)` over the global batch, the loss and
@@ -108,6 +114,7 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
     non-finite loss or gradient (nothing is saved for that step).
     """
     run_dir = Path(run_dir)
+    make_batch = collate if collate is not None else (lambda items: lm_collate(items, pad_id))
     acc = accelerator or make_accelerator(spec.precision)
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -153,8 +160,8 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
         lr = lr_at(step, spec)
         for group in opt.param_groups:
             group["lr"] = lr
-        batches = [collate(micro_batch(examples, step * spec.grad_accum + m, spec.batch_size, seed, rank, world),
-                           pad_id) for m in range(spec.grad_accum)]
+        batches = [make_batch(micro_batch(examples, step * spec.grad_accum + m, spec.batch_size, seed, rank, world))
+                   for m in range(spec.grad_accum)]
         batches = [{k: v.to(acc.device) for k, v in b.items()} for b in batches]
         if before_step is not None:
             batches = before_step(prepared, batches, step)

@@ -95,6 +95,10 @@ class Phase:
     # after_step(module, step): e.g. re-apply pruning masks, update fake-quant observers.
     after_step: Optional[Callable[[Any, int], None]] = None
     subdir: str = ""
+    # collate(items) -> dict of tensors: how a micro-batch's examples become a batch; None = the language-model
+    # collate (data.collate: right-padded input_ids, labels, attention_mask). A general field, for data that is not
+    # tokenized text.
+    collate: Optional[Callable[[list[Any]], dict]] = None
 
 
 @dataclass
