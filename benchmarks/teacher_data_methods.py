@@ -12,7 +12,8 @@ row trains the same smaller student from scratch through distil's own pipeline (
 
   gold answers only   hard labels on '#### 1216' (the references without their rationale)
   SeqKD               the teacher's greedy answers (its chain of thought) replace the references
-  synthetic           the teacher writes new questions (it was trained on question -> CoT text), then answers them
+  synthetic           the teacher writes new questions (it was trained on whole 'question=CoT' texts, so it can:
+                      sampled from BOS, stopped at '='), then answers them; the task verifies the answers
   CoT (rejection)     n teacher samples per question, the verified ones are learned
   CoT + token KD      the same traces, plus the teacher's token distributions on them
 
@@ -83,9 +84,13 @@ TEACHER_DIR = ROOT / "runs" / "arithmetic_teacher" / "student"
 ROWS = {
     "gold answers only": ["distill.method=hard_labels", "data.source=builtin:sum3_answers"],
     "SeqKD": ["distill.method=seqkd", "seqkd.max_new_tokens=40", "seqkd.batch_size=256"],
-    # as many task questions as the CoT rows see (the recipe's 1,900 training records), one answer each
-    "synthetic": ["distill.method=synthetic", "synthetic.task=sum3", "synthetic.max_new_tokens=40",
-                  "synthetic.batch_size=256", "synthetic.min_tokens=0", "synthetic.max_prompts=1900"],
+    # the teacher WRITES the questions (sampled from BOS at T=1, cut at '='; kept when they parse as sum3 questions
+    # on the train side of the hash split, ~80%), then answers them greedily; answers that do not verify are
+    # dropped. 2,400 written for about as many questions as the CoT rows see (the recipe's 1,900 training records).
+    "synthetic": ["distill.method=synthetic", "synthetic.task=sum3", "synthetic.task_questions=teacher",
+                  "synthetic.question_temperature=1.0", "synthetic.question_max_tokens=16",
+                  "synthetic.max_prompts=2400", "synthetic.max_new_tokens=40", "synthetic.batch_size=256",
+                  "synthetic.min_tokens=0"],
     "CoT (rejection sampling)": [],
     "CoT + token KD": ["cot.token_kd=true"],
 }
@@ -120,7 +125,8 @@ def run_row(row: str, seed: int, out: str, steps: int, n_eval: int, k: int, teac
         extra["teacher_samples"] = json.loads(cot_json.read_text())["summary"]
     prov = Path(out) / f"{name}-synthetic" / "provenance.json"
     if prov.is_file():
-        extra["synthetic_provenance"] = json.loads(prov.read_text()).get("counts")
+        p = json.loads(prov.read_text())
+        extra["synthetic_provenance"] = {k: p.get(k) for k in ("question_filters", "filters")}
     return {"row": row, "seed": seed, **scores, "train_s": round(trained, 1),
             "examples": next((ln for ln in lines if ln.startswith("student:")), ""), **extra}
 

@@ -232,13 +232,13 @@ def embedded_path(name: str) -> Path:
 def _tiny_llama_char() -> tuple[Any, Any]:
     from distil.testing import char_tokenizer, tiny_llama_config
 
-    tok = char_tokenizer()
+    tok = char_tokenizer(add_bos=True)  # BOS first, as real LMs: such a model can be sampled from nothing
     return tiny_llama_config(vocab_size=len(tok)), tok
 
 
 # config:<preset> -> (config, tokenizer): built-in starting points for models trained from scratch, e.g. the tiny
 # teacher of the arithmetic task (recipes/arithmetic_teacher.yaml); `student.config` overrides the sizes.
-PRESETS = {"tiny-llama-char": _tiny_llama_char}  # a 2-layer, hidden-32 Llama + one token per character
+PRESETS = {"tiny-llama-char": _tiny_llama_char}  # a 2-layer, hidden-32 Llama + one token per character, BOS first
 
 
 def _config_from(ref: str, teacher: Loaded | None) -> tuple[Any, Path | None]:

@@ -94,15 +94,17 @@ def builtin_python_qa() -> list[dict]:
 
 
 def builtin_task(source: str) -> list[dict]:
-    """`builtin:sum3` / `builtin:sum3_answers` (and the other tasks'): a verifiable task's train-side questions with
-    the gold chain of thought / the gold answer only (distil/eval/tasks.py, `source_records`)."""
+    """`builtin:sum3` / `builtin:sum3_answers` / `builtin:sum3_text` (and the other tasks'): a verifiable task's
+    train-side questions with the gold chain of thought / the gold answer only / as whole texts (distil/eval/tasks.py,
+    `source_records`)."""
     from distil.eval.tasks import source_records  # here: distil.eval imports distil.data, which imports this module
 
     return source_records(source)
 
 
-TASK_SOURCES = ("arithmetic", "arithmetic_answers", "sum3", "sum3_answers", "arithmetic_hard",
-                "arithmetic_hard_answers")  # = distil.eval.tasks.source_names() (tested), static to avoid the cycle
+# = distil.eval.tasks.source_names() (tested), static to avoid the import cycle
+TASK_SOURCES = ("arithmetic", "arithmetic_answers", "arithmetic_text", "sum3", "sum3_answers", "sum3_text",
+                "arithmetic_hard", "arithmetic_hard_answers", "arithmetic_hard_text")
 BUILTIN = {"pydoc": builtin_pydoc, "pydoc_qa": builtin_pydoc_qa, "python_qa": builtin_python_qa,
            **{name: functools.partial(builtin_task, name) for name in TASK_SOURCES}}
 

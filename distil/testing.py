@@ -20,8 +20,11 @@ CHATML = (
 )
 
 
-def char_tokenizer(extra_chars: str = "") -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def char_tokenizer(extra_chars: str = "", add_bos: bool = False) -> Any:
+    """One token per printable character (+ `extra_chars`) after the specials. `add_bos`: the tokenizer puts `<s>`
+    in front of every encoded text, as Llama's and Gemma's do (a model trained that way can start writing from
+    nothing: the teacher of teacher-written questions); off, it adds nothing, as SmolLM2's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted(set(string.printable) | set(extra_chars))
@@ -31,6 +34,9 @@ def char_tokenizer(extra_chars: str = "") -> Any:
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # any char, newlines too
     tk.decoder = decoders.Fuse()
+    if add_bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                          special_tokens=[("<s>", vocab["<s>"])])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>", additional_special_tokens=SPECIALS[4:])
     tok.chat_template = CHATML

@@ -246,3 +246,51 @@ def test_without_a_prompt_source_the_recipes_training_prompts_are_used(tmp_path,
     missing = {f"question {i}?" for i in range(6)} - set(prompts)
     assert len(missing) == 2 and all(any(q in h for h in held_text) for q in missing)
     assert json.loads((base / "provenance.json").read_text())["prompts"]["source"] == str(tmp_path / "qa.jsonl")
+
+
+def test_task_questions_written_by_the_teacher_get_the_tasks_gold_answers(tmp_path, capsys, monkeypatch):
+    """synthetic.task_questions: teacher: the teacher is sampled from BOS, stopped at '='; what parses as a sum3
+    question and is on the train side of the hash split is asked back, verified against the task's own answer."""
+    from distil.eval.tasks import TASKS
+    from distil.methods import synthetic
+    from distil.testing import char_tokenizer, save_tiny_model
+
+    teacher = save_tiny_model(tmp_path / "teacher", tokenizer=char_tokenizer(add_bos=True), num_hidden_layers=4)
+    task = TASKS["sum3"]
+    (a, b), held = task.split(2, 1, seed=5)
+    written = [(a.question, "stop"), (held[0].question, "stop"), ("12+34", "stop"), (a.question, "stop"),
+               (b.question, "stop"), ("1+2+", "length")]
+    seen = {}
+    real = synthetic._Teacher.generate
+
+    def fake_questions(self, prompts, params, out, what):
+        if what != "questions written":
+            return real(self, prompts, params, out, what)
+        seen.update(prompts=prompts, params=params)
+        out.write_text("".join(json.dumps({"completion": c, "finish_reason": f}) + "\n" for c, f in written))
+        return []
+
+    monkeypatch.setattr(synthetic._Teacher, "generate", fake_questions)
+    path = _recipe(tmp_path, teacher, task="sum3", task_questions="teacher", question_temperature=1.0, max_prompts=6,
+                   min_tokens=0, max_repetition=1.0)
+    capsys.readouterr()  # saving the teacher's shards printed a progress bar
+    assert main(["run", str(path), "data.chat_template=false"]) == 2  # a random teacher never sums correctly
+    out, err = capsys.readouterr()
+    assert seen["prompts"] == [[1]] and seen["params"].n == 6 and seen["params"].stop == ("=",)
+    assert "synthetic: questions: 6 samples: not a question of the task -2, eval side of the split -1, exact " \
+           "duplicates -1 -> 2 kept" in out
+    asked = _jsonl(tmp_path / "runs" / "s-synthetic" / "teacher.jsonl")
+    assert [r["prompt"] for r in asked] == [a.prompt, b.prompt]
+    assert len(err.strip().splitlines()) == 1 and "(2 samples:" in err and "verifier -" in err
+
+
+def test_task_questions_need_a_teacher_with_bos_and_sampling(tmp_path, tiny_teacher, capsys):
+    path = _recipe(tmp_path, tiny_teacher, task="sum3", task_questions="teacher", question_temperature=1.0)
+    assert main(["run", str(path), "data.chat_template=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "synthetic.task_questions: teacher:" in err and "adds no BOS" in err
+    for override, needle in (("synthetic.question_temperature=0", "greedy questions written from the start"),
+                             ("synthetic.task=null", "expected synthetic.task to name one")):
+        assert main(["validate", str(path), override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err

@@ -5,11 +5,12 @@ import random
 import re
 import time
 import typing
+from dataclasses import replace
 
 import pytest
 
 from distil.errors import DistilError
-from distil.eval.tasks import TASKS, Arithmetic, TaskName, extract_answer, get_task, verify
+from distil.eval.tasks import PROMPTS, TASKS, Arithmetic, TaskName, extract_answer, get_task, verify
 
 # (what a model wrote, the answer a reader would take from it)
 OUTPUTS = [
@@ -259,6 +260,49 @@ def test_builtin_sources_hold_train_side_questions_only():
     assert not any(task.is_eval(q) for q in questions)
     assert not {e.prompt for e in held} & {r["prompt"] for r in cot}  # the eval split is disjoint
     assert read_records("builtin:arithmetic", max_records=3) == TASKS["arithmetic"].records(3, 0, seed=0)[0]
+    # `_text`: the same questions as whole texts (prompt + gold CoT), for a teacher that also learns to ask
+    assert read_records("builtin:sum3_text", max_records=2) == [{"text": r["prompt"] + r["response"]} for r in cot[:2]]
+
+
+def test_text_source_makes_every_token_but_bos_a_target_and_ends_with_eos():
+    """With the BOS-adding character tokenizer (the `config:tiny-llama-char` preset), a `_text` record trains the
+    question too: [BOS] q = rationale #### a [EOS], every position a target except BOS."""
+    from distil.data import IGNORE, load_examples
+    from distil.recipe import DataSpec
+    from distil.testing import char_tokenizer
+
+    tok = char_tokenizer(add_bos=True)
+    spec = DataSpec(source="builtin:sum3_text", chat_template=False, seq_len=64, eval_size=0, max_records=3,
+                    pack=False)
+    train, _ = load_examples(spec, tok, seed=0)
+    texts = {e.prompt + e.response() for e in TASKS["sum3"].split(3, 0)[0]}
+    assert {tok.decode(ex["input_ids"], skip_special_tokens=True) for ex in train} == texts
+    for ex in train:
+        ids = ex["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        assert ex["labels"] == [IGNORE] + ids[1:]
+
+
+def test_parse_prompt_reads_back_what_the_task_writes_and_nothing_else():
+    """A model-written prompt gets its gold answer only when it is a question of the task, written the task's way."""
+    sum3, arith = TASKS["sum3"], TASKS["arithmetic"]
+    for task in (sum3, arith):
+        train, held = task.split(200, 50, seed=1)
+        assert all(task.parse_prompt(e.prompt) == e for e in train + held)
+    ex = sum3.parse_prompt("12+34+56=")
+    assert (ex.question, ex.rationale, ex.answer) == ("12+34+56", "12+34=46\n46+56=102", 102)
+    assert arith.parse_prompt(arith.split(1, 0)[0][0].prompt.replace("Compute ", "Compute  ")) is None
+    for bad in ("12+34=",  # two operands: sum3 has three
+                "1+2+3=",  # one-digit operands: sum3's are 2-3 digits
+                "12+34+5600=", "012+34+56=",  # a 4-digit operand; a leading zero the task never writes
+                "12+34+56", "12+34+56==", "12 +34+56=", "(12+34)+56=",  # no '=', '=' twice, a space, extra parens
+                "12*34+56=", "12+34+=", "=", "", None, "+" * 500):
+        assert sum3.parse_prompt(bad) is None, bad
+    flat = replace(arith, prompt_style="bare", parentheses=False)
+    assert flat.parse_prompt("3+4*5=").answer == 23 and flat.parse_prompt("(3+4)*5=") is None
+    assert arith.parse_prompt(PROMPTS["instruct"].format(q="(3+4)*5")).answer == 35
+    assert arith.parse_prompt(PROMPTS["instruct"].format(q="3-(4-5)")).answer == 4
+    assert arith.parse_prompt(PROMPTS["instruct"].format(q="(3-4)-5")) is None  # not canonical: '3-4-5'
 
 
 def test_builtin_source_through_a_recipes_split_keeps_eval_questions_out(tmp_path):

@@ -51,7 +51,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from distil.errors import DistilError
 
@@ -212,6 +212,61 @@ def _has_negative(tree: Tree) -> bool:
     return any(s.rsplit("=", 1)[1].startswith("-") for s in steps)
 
 
+def _leaves(tree: Tree) -> list[int]:
+    return [tree] if isinstance(tree, int) else _leaves(tree[1]) + _leaves(tree[2])
+
+
+def _parse(text: str, operators: str) -> Tree | None:
+    """An expression of non-negative integers, `operators` and parentheses -> its tree (left-associative, `*` before
+    `+ -`: the order `_render` writes), or None for anything else (a recursive-descent parser of
+        expr := term (('+'|'-') term)*;  term := atom ('*' atom)*;  atom := digits | '(' expr ')' )."""
+    tokens = re.findall(r"\d+|[-+*()]|\S", text)
+    if not tokens or "".join(tokens) != text or any(t.startswith("0") and len(t) > 1 for t in tokens
+                                                   if t.isdigit()):
+        return None  # spaces, other characters, or leading zeros ('007': never written by the task)
+    pos = 0
+
+    def peek() -> str | None:
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take() -> str:
+        nonlocal pos
+        pos += 1
+        return tokens[pos - 1]
+
+    def atom(depth: int) -> Tree | None:
+        tok = peek()
+        if tok is None or depth > 32:
+            return None
+        if tok.isdigit():
+            return int(take())
+        if tok == "(":
+            take()
+            inner = expr(depth + 1)
+            if inner is None or peek() != ")":
+                return None
+            take()
+            return inner
+        return None
+
+    def binary(ops: str, sub: Any, depth: int) -> Tree | None:
+        left = sub(depth)
+        while left is not None and peek() is not None and peek() in ops:
+            op = take()
+            right = sub(depth)
+            left = None if right is None else (op, left, right)
+        return left
+
+    def term(depth: int) -> Tree | None:
+        return binary("*" if "*" in operators else "", atom, depth)
+
+    def expr(depth: int) -> Tree | None:
+        return binary("".join(o for o in "+-" if o in operators), term, depth)
+
+    tree = expr(0)
+    return tree if tree is not None and pos == len(tokens) else None
+
+
 def _bucket(question: str) -> float:
     """A position in [0, 1) from the SHA-256 of the question text: the same on every machine and Python."""
     return int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big") / 2.0**64
@@ -306,6 +361,29 @@ class Arithmetic:
         return Example(question=question, prompt=PROMPTS[self.prompt_style].format(q=question),
                        rationale="\n".join(steps), answer=answer)
 
+    def parse_prompt(self, text: str) -> Example | None:
+        """The Example a prompt of this task asks (its gold rationale and answer computed here), or None when `text`
+        is not one: not in the task's prompt form, not an expression of its operators, not written the canonical
+        way `draw` writes it (fewest parentheses), or with operands outside the task's digit range or count. This
+        is how questions a model wrote (synthetic data: teacher-written questions) get a gold answer to verify."""
+        head, _, tail = PROMPTS[self.prompt_style].partition("{q}")
+        if not isinstance(text, str) or not text.startswith(head) or not text.endswith(tail) or \
+                len(text) <= len(head) + len(tail) or len(text) > 400:
+            return None
+        question = text[len(head): len(text) - len(tail)]
+        tree = _parse(question, self.operators)
+        if tree is None or _render(tree) != question:
+            return None
+        leaves = _leaves(tree)
+        if not self.min_operands <= len(leaves) <= self.max_operands or \
+                any(not 10 ** (self.min_digits - 1) <= v < 10**self.max_digits for v in leaves):
+            return None
+        if not self.parentheses and "(" in question:
+            return None
+        if not self.negative and _has_negative(tree):
+            return None
+        return self.example(tree)
+
     def is_eval(self, question: str) -> bool:
         """Whether a question text belongs to the eval side (by its hash, whatever the seed)."""
         return _bucket(question) < self.eval_fraction
@@ -361,10 +439,15 @@ TaskName = Literal["arithmetic", "sum3", "arithmetic_hard"]
 SOURCE_QUESTIONS = 4000  # train-side questions in each built-in data source
 
 
+SOURCE_SUFFIXES = ("", "_answers", "_text")
+
+
 def source_names() -> list[str]:
-    """The `data.source: builtin:<name>` corpora of the tasks: `<task>` (gold CoT) and `<task>_answers` (gold
-    answer only) for every task in TASKS."""
-    return [f"{name}{suffix}" for name in TASKS for suffix in ("", "_answers")]
+    """The `data.source: builtin:<name>` corpora of the tasks: `<task>` (gold CoT), `<task>_answers` (gold answer
+    only) and `<task>_text` (question and gold CoT as one text: every token a target, so a model trained on it also
+    learns to WRITE the task's questions; the teacher of synthetic data with teacher-written questions) for every
+    task in TASKS."""
+    return [f"{name}{suffix}" for name in TASKS for suffix in SOURCE_SUFFIXES]
 
 
 def source_records(source: str) -> list[dict]:
@@ -374,10 +457,11 @@ def source_records(source: str) -> list[dict]:
     `data.eval_size` then holds out (those held-out examples are train-side questions the run does not train on);
     accuracy is measured on `task.split(0, n_eval)`. The two variants hold the same questions in the same order,
     so `data.max_records: N` gives both the same N questions."""
-    cot = not source.endswith("_answers")
-    name = source if cot else source[: -len("_answers")]
-    task = get_task(name)
-    train, _ = task.records(SOURCE_QUESTIONS, 0, seed=0, cot=cot)
+    suffix = next((s for s in SOURCE_SUFFIXES[1:] if source.endswith(s)), "")
+    task = get_task(source[: len(source) - len(suffix)])
+    train, _ = task.records(SOURCE_QUESTIONS, 0, seed=0, cot=suffix != "_answers")
+    if suffix == "_text":  # the prompt as the model reads it, then the response: '436+760+20=436+760=1196\n...'
+        return [{"text": r["prompt"] + r["response"]} for r in train]
     return train
 
 

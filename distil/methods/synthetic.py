@@ -48,7 +48,7 @@ from distil.atomic import write_atomic
 from distil.compat import check_teacher_data
 from distil.data import IGNORE, encode_supervised, record_kind
 from distil.errors import DistilError
-from distil.eval.tasks import TaskName, get_task, verify
+from distil.eval.tasks import PROMPTS, TaskName, get_task, verify
 from distil.generation import filters as F
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable
 from distil.methods.seqkd import prompt_ids, teacher_examples, teacher_text_loss
@@ -83,7 +83,14 @@ class SyntheticSpec:
     task: Optional[TaskName] = option(None, "A verifiable task (distil/eval/tasks.py): its training questions are "
                                       "the prompts, answers that do not verify are dropped, its eval questions "
                                       "join the decontamination set.")
-    max_prompts: int = option(0, "Use at most this many seed prompts (0 = all; a task makes 256 by default).", ge=0)
+    task_questions: Literal["task", "teacher"] = option(
+        "task", "With synthetic.task: 'task' = the task's own training questions; 'teacher' = the teacher WRITES "
+        "the questions (sampled from its start of sequence at question_temperature, cut at the task's prompt end, "
+        "kept when they parse as questions of the task, which then computes their gold answers; eval-side "
+        "questions of the hash split are dropped). Needs a teacher trained on whole task texts "
+        "(data.source: builtin:<task>_text) with a BOS token.")
+    max_prompts: int = option(0, "Use at most this many seed prompts (0 = all; a task makes 256 by default; with "
+                              "task_questions: teacher, the number of questions the teacher writes).", ge=0)
     max_new_tokens: int = option(128, "Longest teacher answer, in tokens.", gt=0)
     temperature: float = option(0.0, "Answers: 0 = greedy; > 0 samples.", ge=0.0)
     top_p: float = option(1.0, "Answers: nucleus sampling (1 = off).", gt=0.0, le=1.0)
@@ -368,6 +375,54 @@ def build_corpus_examples(kept: list[dict], tok: Any, data_spec: Any, source: st
     return out, dropped
 
 
+# -- teacher-written questions of a task ---------------------------------------------------------------------------
+
+
+def write_task_questions(ctx: Context, teacher: "_Teacher", task: Any, base: Path) -> tuple[list[str], list, dict]:
+    """Self-instruct for a verifiable task: the teacher writes the questions.
+
+    A model trained on whole task texts (`builtin:<task>_text`: 'question=rationale #### answer', every token a
+    target) has learned the distribution of the task's questions as well as their answers. Sampled from its start
+    of sequence (BOS) at `question_temperature` and stopped at the end of the task's prompt ('=' for bare prompts),
+    it writes a question; the task parses it (`Arithmetic.parse_prompt`: its own format, canonical, operands in
+    range) and computes the gold answer that later verifies the teacher's answer to it. Dropped, and counted: text
+    that is not a question of the task; questions on the EVAL side of the task's hash split (a teacher can write a
+    held-out question: decontamination by construction, as for the task's own training questions); duplicates.
+    """
+    spec = ctx.recipe.synthetic
+    ttok = ctx.teacher().tokenizer
+    bos = ttok.bos_token_id
+    ids = ttok("0")["input_ids"]
+    if bos is None or not ids or ids[0] != bos:
+        raise DistilError(f"synthetic.task_questions: teacher: the teacher writes questions from its start of "
+                          f"sequence, but its tokenizer ({ctx.recipe.teacher.source}) adds no BOS token; expected a "
+                          f"teacher whose tokenizer starts every text with BOS (config:tiny-llama-char does), found "
+                          f"bos_token_id={bos}")
+    head, _, tail = PROMPTS[task.prompt_style].partition("{q}")
+    n = spec.max_prompts or 256
+    from distil.generation.params import GenParams
+
+    params = GenParams(max_new_tokens=spec.question_max_tokens, temperature=spec.question_temperature, n=n,
+                       seed=spec.seed, chat=False, stop=(tail[-1:],) if tail else ()).check()
+    q_path = base / "questions.jsonl"
+    if ctx.main:
+        teacher.generate([[bos]], params, q_path, "questions written")
+    ctx.wait()
+    texts = [r["completion"] + (tail[-1:] if r["finish_reason"] == "stop" else "") for r in _read_jsonl(q_path)]
+    report = F.FilterReport(len(texts))
+    parsed = [(t, task.parse_prompt(t)) for t in texts]
+    kept = report.apply("not a question of the task", parsed, F.verified, lambda p: p[1] is not None)
+    kept = report.apply("eval side of the split", kept, F.verified, lambda p: not task.is_eval(p[1].question))
+    kept = report.apply("exact duplicates", kept, F.exact_dedup, lambda p: p[0])
+    ctx.echo(f"synthetic: questions: {report.line()}")
+    if not kept:
+        raise DistilError(f"{q_path}: synthetic: no question the teacher wrote is usable ({report.line()}); the "
+                          f"teacher must be trained on whole task texts (data.source: builtin:{task.name}_text)")
+    examples = [ex for _, ex in kept]
+    return [e.prompt for e in examples], [e.answer for e in examples], {
+        "questions": {"written_by": "teacher", **params.record()}, "question_filters": report.record()}
+
+
 # -- prepare -------------------------------------------------------------------------------------------------------
 
 
@@ -402,13 +457,15 @@ def prepare(ctx: Context) -> dict:
         train, task_eval = task.split(spec.max_prompts or 256, 64, recipe.seed)
         prompts, golds, source = [e.prompt for e in train], [e.answer for e in train], f"task:{spec.task}"
         references += [e.prompt + "\n" + e.response() for e in task_eval]
+        if spec.task_questions == "teacher":
+            prompts, golds, source = [], [], f"task:{spec.task}, questions written by the teacher"
     elif not spec.topics:
         prompts, source = recipe_prompts(ctx, held), recipe.data.source
         if not prompts:
             raise DistilError(f"data.source: method 'synthetic' needs seed prompts: set synthetic.prompts or "
                               f"synthetic.topics, or use prompt/response or messages records, found "
                               f"{recipe.data.source} with none outside the held-out split")
-    if spec.max_prompts and not spec.topics:
+    if spec.max_prompts and not spec.topics and not (spec.task and spec.task_questions == "teacher"):
         prompts = prompts[:spec.max_prompts]
         golds = golds[:spec.max_prompts] if golds is not None else None
 
@@ -448,6 +505,10 @@ def prepare(ctx: Context) -> dict:
                                       "named_in_held_out": len(topics) - len(usable), "used": len(usable)},
                            "templates": list(TEMPLATES[:spec.templates]), "questions": q_params.record(),
                            "question_filters": q_report.record()})
+
+    if spec.task and spec.task_questions == "teacher":
+        prompts, golds, q_prov = write_task_questions(ctx, teacher, get_task(spec.task), base)
+        provenance.update(q_prov)
 
     # the answers
     out = base / "teacher.jsonl"
@@ -499,6 +560,12 @@ def check(recipe: Any, where: str) -> None:
     if spec.topics and spec.questions_per_template > 1 and spec.question_temperature == 0:
         raise DistilError(f"{where}: synthetic.questions_per_template: greedy questions (question_temperature: 0) "
                           f"are all the same; expected 1 or a temperature > 0, found {spec.questions_per_template}")
+    if spec.task_questions == "teacher" and not spec.task:
+        raise DistilError(f"{where}: synthetic.task_questions: 'teacher' writes questions of a verifiable task; "
+                          f"expected synthetic.task to name one, found none")
+    if spec.task and spec.task_questions == "teacher" and spec.question_temperature == 0:
+        raise DistilError(f"{where}: synthetic.question_temperature: greedy questions written from the start of "
+                          f"sequence are all the same; expected a temperature > 0 (e.g. 1.0), found 0")
     if spec.max_tokens and spec.min_tokens > spec.max_tokens:
         raise DistilError(f"{where}: synthetic.min_tokens: expected <= synthetic.max_tokens ({spec.max_tokens}), "
                           f"found {spec.min_tokens}")
