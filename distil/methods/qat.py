@@ -1,8 +1,9 @@
 """Quantization-aware training with distillation (LLM-QAT's recipe): the student's decoder weights are
-fake-quantized (int4 group-wise, or llama.cpp's Q4_0 grid; straight-through estimator; distil/compress/qat.py)
-and trained against the full-precision teacher's logits with the `distill` section's loss, as method `offline`
-trains; then the fake quantization is folded into the weights (the converted student is what is saved, evaluated
-and exported). With `student.source: teacher` the teacher is the student's own full-precision self.
+fake-quantized (int4 group-wise, llama.cpp's Q4_0 grid, or what Q4_K_M stores: `qat.grid: q4_k`; straight-through
+estimator; distil/compress/qat.py) and trained against the full-precision teacher's logits with the `distill`
+section's loss, as method `offline` trains; then the fake quantization is folded into the weights (the converted
+student is what is saved, evaluated and exported). With `student.source: teacher` the teacher is the student's own
+full-precision self.
 
 The evaluation gains the row "student (ptq, no training)": the same grid applied to the initial student without
 training, the post-training quantization that QAT is meant to beat at the same bits.
@@ -11,6 +12,7 @@ training, the post-training quantization that QAT is meant to beat at the same b
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from typing import Any
 
 import torch
@@ -25,9 +27,10 @@ from distil.methods.offline import build_offline
 def ptq_copy(model: Any, spec: Any) -> Any:
     """The initial student with its decoder weights rounded to the grid, no training (the PTQ control)."""
     out = copy.deepcopy(model).eval()
+    qtypes = Q.grid_types(out, spec)
     with torch.no_grad():
-        for lin in prunable(out).values():
-            lin.weight.copy_(Q.fake(lin.weight, spec))
+        for name, lin in prunable(out).items():
+            lin.weight.copy_(Q.fake(lin.weight, spec, qtypes[name]))
     return out
 
 
@@ -35,8 +38,11 @@ def stage(ctx: Context) -> Stage:
     spec, model = ctx.recipe.qat, ctx.student.model
     control = ptq_copy(model, spec)
     Q.prepare(model, spec)
-    ctx.echo(f"qat: {len(prunable(model))} decoder linear maps fake-quantized on the {spec.grid} grid"
-             + (f" (groups of {spec.group_size or 'a whole row'})" if spec.grid == "int4" else ""))
+    qtypes = Q.grid_types(model, spec)
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(Counter(qtypes.values()).items())) if spec.grid == "q4_k" else ""
+    ctx.echo(f"qat: {len(qtypes)} decoder linear maps fake-quantized on the {spec.grid} grid"
+             + (f" (groups of {spec.group_size or 'a whole row'})" if spec.grid == "int4" else "")
+             + (f" (as Q4_K_M stores them: {kinds})" if kinds else ""))
     loss_fn = build_offline(ctx.teacher().model, ctx.recipe.distill, ctx.vocab, echo=ctx.echo)
     phase = Phase(name="qat", module=Trainable(model), loss_fn=loss_fn, examples=ctx.train_examples)
     return Stage(phases=[phase], finalize=lambda: Q.convert(model),
@@ -51,8 +57,8 @@ def check(recipe: Any, where: str) -> None:
 
 METHOD = Method(
     name="qat",
-    summary="quantization-aware training: fake-quantized int4 (or Q4_0) decoder weights learn the full-precision "
-            "teacher's logits, then the quantization is folded in",
+    summary="quantization-aware training: fake-quantized int4 (or Q4_0, or Q4_K_M's grid) decoder weights learn "
+            "the full-precision teacher's logits, then the quantization is folded in",
     teacher="train",
     build=stage,
     options=Q.QATSpec,
