@@ -9,7 +9,8 @@ import yaml
 
 from distil.cli import main
 from distil.data import IGNORE
-from distil.methods.preference import build_pairs, dpo_loss, sequence_logprobs
+from distil.methods.preference import (best_and_worst, build_distillm2, build_pairs, dpo_loss, judge_scores,
+                                       sequence_logprobs)
 from distil.testing import char_tokenizer
 
 
@@ -101,7 +102,101 @@ def test_text_data_is_refused(tmp_path, tiny_teacher, capsys):
 def test_bad_options_are_one_line(tmp_path, tiny_teacher, capsys):
     path = _recipe(tmp_path, tiny_teacher)
     for override, needle in (("preference.beta=0", "preference.beta: expected a value > 0"),
-                             ("preference.max_new_tokens=0", "preference.max_new_tokens: expected a value > 0")):
-        assert main(["validate", str(path), override]) == 2
+                             ("preference.max_new_tokens=0", "preference.max_new_tokens: expected a value > 0"),
+                             ("preference.n=1", "preference.n: expected a value >= 2"),
+                             ("preference.skew_alpha=1.5", "preference.skew_alpha: expected a value <= 1"),
+                             ("preference.pairs=best_of_n preference.student_temperature=0",
+                              "preference.student_temperature: best_of_n needs 4 different student answers"),
+                             ("preference.pairs=best_of_n preference.backend=llamacpp",
+                              "preference.backend: best_of_n generates with the student only")):
+        assert main(["validate", str(path), *override.split()]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_best_and_worst_under_the_judge_with_ties():
+    rec = lambda p, k: {"prompt_index": p, "sample_index": k, "completion": f"{p}{k}"}  # noqa: E731
+    records = [rec(0, 0), rec(0, 1), rec(0, 2), rec(1, 0), rec(1, 1)]
+    scores = [-1.0, -0.5, -3.0, -2.0, -2.0]
+    chosen, rejected = best_and_worst(records, scores)
+    assert [(c["prompt_index"], c["sample_index"], c["judge"]) for c in chosen] == [(0, 1, -0.5), (1, 0, -2.0)]
+    assert [(r["prompt_index"], r["sample_index"]) for r in rejected] == [(0, 2), (1, 1)]  # a tie: the later one
+
+
+def test_judge_scores_are_the_teachers_answer_log_likelihood(tiny_teacher):
+    """mean / sum of log p_T(answer token | prefix) over the answer (+ its end token), computed here one
+    sequence at a time in float64 from the full log-softmax."""
+    from distil.models import load_model
+
+    loaded = load_model(str(tiny_teacher))
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    prompts = [tok("hi?", add_special_tokens=False)["input_ids"], tok("ok", add_special_tokens=False)["input_ids"]]
+    records = [{"prompt_index": 0, "completion": "abc", "finish_reason": "stop"},
+               {"prompt_index": 1, "completion": "de", "finish_reason": "length"}]
+    end = [tok.eos_token_id]
+    means = judge_scores(model, prompts, records, tok, end, 64, "mean", 2, tok.pad_token_id, model.config.vocab_size)
+    sums = judge_scores(model, prompts, records, tok, end, 64, "sum", 1, tok.pad_token_id, model.config.vocab_size)
+    for r, mean, total in zip(records, means, sums):
+        ans = tok(r["completion"], add_special_tokens=False)["input_ids"] + (end if r["finish_reason"] == "stop"
+                                                                           else [])
+        ids = prompts[r["prompt_index"]] + ans
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        want = sum(float(lp[len(ids) - len(ans) - 1 + k, t]) for k, t in enumerate(ans))
+        assert total == pytest.approx(want, rel=1e-5) and mean == pytest.approx(want / len(ans), rel=1e-5)
+
+
+def test_distillm2_loss_against_the_skew_divergences_by_hand():
+    """Chosen rows: KL(p_T || a p_T + (1-a) p_S); rejected rows: KL(p_S || (1-a) p_T + a p_S); summed over the
+    target tokens of both halves / num_items. Float64 loops over a 3-token vocabulary."""
+    torch.manual_seed(0)
+    a, vocab = 0.1, 3
+    s_logits = torch.randn(2, 3, vocab, dtype=torch.float64)  # [chosen; rejected], 3 positions
+    t_logits = torch.randn(2, 3, vocab, dtype=torch.float64)
+    labels = torch.tensor([[IGNORE, IGNORE, 1, 2], [IGNORE, IGNORE, 0, IGNORE]])  # targets: chosen 2, rejected 1
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+             "labels": labels}
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids, attention_mask):
+            pad = torch.zeros(len(input_ids), 1, vocab, dtype=self.logits.dtype)
+            return type("Out", (), {"logits": torch.cat([self.logits, pad], 1)})()
+
+    out = build_distillm2(Fixed(t_logits), a, vocab)(Fixed(s_logits), batch, 5.0)
+
+    def softmax(z):
+        e = [math.exp(v) for v in z]
+        return [v / sum(e) for v in e]
+
+    def kl(p, q):
+        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+    skl = srkl = 0.0
+    for pos in (1, 2):  # chosen targets at label positions 2, 3 -> logits positions 1, 2
+        pt, ps = softmax(t_logits[0, pos].tolist()), softmax(s_logits[0, pos].tolist())
+        skl += kl(pt, [a * x + (1 - a) * y for x, y in zip(pt, ps)])
+    pt, ps = softmax(t_logits[1, 1].tolist()), softmax(s_logits[1, 1].tolist())
+    srkl += kl(ps, [(1 - a) * x + a * y for x, y in zip(pt, ps)])
+    # the divergences run in fp32 (losses.token_divergence): a relative tolerance at fp32 precision
+    assert float(out.loss) == pytest.approx((skl + srkl) / 5, rel=1e-5)
+    assert float(out.metrics["skl"]) == pytest.approx(skl / 5, rel=1e-5)
+    assert float(out.metrics["srkl"]) == pytest.approx(srkl / 5, rel=1e-5) and out.n_tokens == 3
+
+
+def test_best_of_n_pairs_and_distillm2_end_to_end(tmp_path, tiny_teacher, capsys):
+    path = _recipe(tmp_path, tiny_teacher, pairs="best_of_n", n=3, loss="distillm2")
+    assert main(["run", str(path)]) == 0
+    assert "best/worst of 3 student answers under the teacher's mean log-likelihood" in capsys.readouterr().out
+    base = tmp_path / "runs" / "p-preference"
+    assert not (base / "teacher.jsonl").exists()  # the teacher judges, it does not answer
+    assert len((base / "student.jsonl").read_text().splitlines()) == 8 * 3
+    pairs = [json.loads(x) for x in (base / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen_judge"] >= p["rejected_judge"] and p["chosen_by"] == p["rejected_by"]
+                         for p in pairs)
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["skl"] > 0 and r["srkl"] > 0 for r in rows)
+    assert rows[0]["loss"] == pytest.approx(rows[0]["skl"] + rows[0]["srkl"], rel=1e-6)

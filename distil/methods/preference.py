@@ -1,23 +1,37 @@
-"""Preference (DPO) distillation: pairs built without humans, the teacher's answer preferred to the student's own.
+"""Preference distillation: pairs built without humans, trained with DPO or with DistiLLM-2's contrastive loss.
 
-For every training prompt (DistiLLM-2 style):
+Pairs (`preference.pairs`), for every training prompt:
+  teacher_vs_student (DistiLLM-2 style)
     chosen   = the teacher's answer            (greedy by default: its most likely answer)
     rejected = the student's own answer        (sampled from the student as it is before this stage)
-and the student is trained with the DPO loss (Rafailov et al. 2023) against a frozen reference, the student before
-this stage:
+  best_of_n (the teacher as judge)
+    the student samples n answers; the teacher scores each by its log-likelihood of the answer given the prompt
+    (`judge: mean` per answer token, so length is not what decides; `sum`: the whole sequence's), and
+    chosen   = the student answer the teacher likes best,  rejected = the one it likes least.
+
+Losses (`preference.loss`):
+  dpo (Rafailov et al. 2023), against a frozen reference, the student before this stage:
 
     log pi(y | x)  = sum over the answer's tokens of log p(y_t | x, y_<t)        (the answer's end token included)
     margin         = beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))]
     loss           = sum over pairs of -log sigmoid(margin) / number of pairs in the global batch
 
-so at the first step (pi == ref) every pair's loss is log 2. Pairs whose chosen and rejected answers are the same
+so at the first step (pi == ref) every pair's loss is log 2.
+  distillm2 (Ko et al. 2025, DistiLLM-2's contrastive loss), with the teacher's token distributions p_T:
+    on the chosen answer's tokens    skew KL          KL(p_T || a p_T + (1-a) p_S)   pulls p_S up where p_T is
+    on the rejected answer's tokens  skew reverse KL  KL(p_S || (1-a) p_T + a p_S)   pushes p_S down where p_S > p_T
+    loss = (sum of both over the target tokens of both answers) / target tokens of the global batch; a = skew_alpha.
+  The teacher then stays in memory while training (its logits on both answers every step).
+
+Pairs whose chosen and rejected answers are the same
 tokens carry no preference: they are dropped and counted. The answers are generated once, before training, by
 `distil.generate.generate` (resumable JSONL files with an identity sidecar, beside the run directory like SeqKD's
-corpus): `teacher.jsonl`, `student.jsonl`, and the pairs with their provenance in `pairs.jsonl`.
+corpus): `teacher.jsonl` (teacher_vs_student), `student.jsonl`, and the pairs with their provenance (who wrote
+each answer, sampling parameters, the judge's scores) in `pairs.jsonl`.
 
 How a pair reaches the loss: the examples the loop batches are the chosen sequences, each tagged with its pair
 `index`; the phase's `before_step` puts each micro-batch's rejected sequences beside them ([chosen; rejected],
-2B rows), and the phase's count hook counts pairs, not tokens.
+2B rows), and the phase's count hook counts pairs (dpo) or target tokens of both answers (distillm2).
 """
 
 from __future__ import annotations
@@ -37,7 +51,7 @@ from distil.data import IGNORE, collate
 from distil.errors import DistilError
 from distil.eval.answers import prompt_part
 from distil.losses import LossOutput, denominator
-from distil.methods.contract import Context, Method, Phase, Stage, Trainable
+from distil.methods.contract import Context, Method, Phase, Stage, Trainable, count_targets
 from distil.models import freeze
 from distil.options import option
 
@@ -55,6 +69,18 @@ class PreferenceSpec:
                                         ge=0.0)
     seed: int = option(0, "Seed of both models' sampling (per answer: see distil/generation/params.py).", ge=0,
                        lt=2**32)
+    pairs: Literal["teacher_vs_student", "best_of_n"] = option(
+        "teacher_vs_student", "How pairs are made: the teacher's answer over the student's own "
+        "(teacher_vs_student), or the best over the worst of n student samples under the teacher's log-likelihood "
+        "(best_of_n: the teacher as judge).")
+    n: int = option(4, "best_of_n: student samples per prompt (needs student_temperature > 0).", ge=2)
+    judge: Literal["mean", "sum"] = option("mean", "best_of_n: the teacher's score of an answer: its mean "
+                                           "log-probability per answer token, or the sum over the answer.")
+    loss: Literal["dpo", "distillm2"] = option("dpo", "dpo (against the student before this stage), or distillm2: "
+                                               "skew KL on chosen + skew reverse KL on rejected answers, to the "
+                                               "teacher's token distributions (keeps the teacher in memory).")
+    skew_alpha: float = option(0.1, "distillm2: the skew a of both skew divergences (DistiLLM-2 uses 0.1).",
+                               ge=0.0, le=1.0)
     batch_size: int = option(8, "Prompts per generation batch (transformers backend).", gt=0)
     backend: Literal["hf", "llamacpp"] = option("hf", "Who runs the teacher's generation: transformers, or "
                                                 "llama.cpp (the teacher's GGUF). The student always runs in "
@@ -100,6 +126,30 @@ def build_dpo(reference: Any, beta: float, vocab: int) -> Any:
     return loss_fn
 
 
+def build_distillm2(teacher: Any, skew_alpha: float, vocab: int) -> Any:
+    """loss_fn(module, batch, num_items) on [chosen; rejected] batches: DistiLLM-2's contrastive loss (module
+    docstring), summed over the target tokens of both halves, divided by `num_items` (those tokens, global)."""
+    from distil.losses import token_divergence
+
+    def loss_fn(module: Any, batch: dict, num_items: float) -> LossOutput:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"][:, 1:]
+        s_logits = module(input_ids=ids, attention_mask=mask).logits[:, :-1, :vocab]
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1, :vocab]
+        p = len(ids) // 2
+        valid = (labels != IGNORE).float()
+        skl = token_divergence(s_logits[:p], t_logits[:p], "skew_forward_kl", skew_alpha=skew_alpha)
+        srkl = token_divergence(s_logits[p:], t_logits[p:], "skew_reverse_kl", skew_alpha=skew_alpha)
+        n_tokens = int(valid.sum())
+        denom = denominator(num_items, n_tokens)
+        skl_sum, srkl_sum = (skl * valid[:p]).sum(), (srkl * valid[p:]).sum()
+        loss = (skl_sum + srkl_sum) / denom
+        return LossOutput(loss=loss, metrics={"skl": skl_sum.detach() / denom, "srkl": srkl_sum.detach() / denom},
+                          n_tokens=n_tokens)
+
+    return loss_fn
+
+
 def count_pairs(batch: dict) -> int:
     return len(batch["input_ids"]) // 2
 
@@ -137,8 +187,41 @@ def build_pairs(prompts: list[list[int]], chosen: list[dict], rejected: list[dic
         rows.append({"prompt_index": p, "prompt": tok.decode(ids), "chosen": c["completion"],
                      "rejected": r["completion"], "chosen_finish": c["finish_reason"],
                      "rejected_finish": r["finish_reason"], "chosen_by": c["model"], "rejected_by": r["model"],
-                     "chosen_params": c["params"], "rejected_params": r["params"]})
+                     "chosen_params": c["params"], "rejected_params": r["params"],
+                     **({"chosen_judge": c["judge"], "rejected_judge": r["judge"]} if "judge" in c else {})})
     return good, bad, rows, dropped
+
+
+def judge_scores(teacher: Any, prompts: list[list[int]], records: list[dict], tok: Any, end: list[int],
+                 seq_len: int, how: str, batch_size: int, pad_id: int, vocab: int) -> list[float]:
+    """The teacher's score of each answer (best_of_n): log p_T(answer | prompt) summed over the answer's tokens (its
+    end token included when it finished), per token for `how="mean"`; one value per record, in order."""
+    rows = []
+    for r in records:
+        ids, ans = prompts[r["prompt_index"]], _answer(tok, r, end)
+        rows.append({"input_ids": (ids + ans)[:seq_len], "labels": ([IGNORE] * len(ids) + ans)[:seq_len]})
+    device = next(teacher.parameters()).device
+    scores: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        b = {k: v.to(device) for k, v in collate(rows[i: i + batch_size], pad_id).items()}
+        with torch.no_grad():
+            logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1, :vocab]
+        labels = b["labels"][:, 1:]
+        total = sequence_logprobs(logits, labels).double()
+        count = (labels != IGNORE).sum(-1).clamp(min=1)
+        scores += (total / count if how == "mean" else total).tolist()
+    return scores
+
+
+def best_and_worst(records: list[dict], scores: list[float]) -> tuple[list[dict], list[dict]]:
+    """Per prompt: the sample the judge scores highest (chosen) and lowest (rejected), each tagged with its score;
+    ties go to the earlier sample for the best and the later one for the worst."""
+    groups: dict[int, list[tuple[float, int, dict]]] = {}
+    for r, sc in zip(records, scores):
+        groups.setdefault(r["prompt_index"], []).append((sc, r["sample_index"], {**r, "judge": sc}))
+    chosen = [max(g, key=lambda t: (t[0], -t[1]))[2] for g in groups.values()]
+    rejected = [min(g, key=lambda t: (t[0], -t[1]))[2] for g in groups.values()]
+    return chosen, rejected
 
 
 def pairs_dir(recipe: Any) -> Path:
@@ -166,29 +249,48 @@ def prepare(ctx: Context) -> dict:
     except OSError as exc:
         raise DistilError(f"{out}: preference.dir: cannot create the directory ({exc.strerror or exc})") from None
     remedy = f"delete {out} to make them again, or set preference.dir to keep both"
+    best_of_n = spec.pairs == "best_of_n"
     if ctx.main:
-        if spec.backend == "llamacpp":
-            from distil.generation.sources import load_for_backend
-
-            t = recipe.teacher
-            teacher, t_tok = load_for_backend({"source": t.source, "tokenizer": t.tokenizer}, "llamacpp")
-        else:
-            teacher, t_tok = ctx.teacher().model, ctx.teacher().tokenizer
         params = dict(max_new_tokens=spec.max_new_tokens, seed=spec.seed)
-        t_res = generate(teacher, t_tok, keep, GenParams(temperature=spec.teacher_temperature, **params),
-                         out=out / "teacher.jsonl", batch_size=spec.batch_size, model_name=recipe.teacher.source,
-                         remedy=remedy)
-        s_res = generate(ctx.student.model, tok, keep, GenParams(temperature=spec.student_temperature, **params),
+        if not best_of_n:
+            if spec.backend == "llamacpp":
+                from distil.generation.sources import load_for_backend
+
+                t = recipe.teacher
+                teacher, t_tok = load_for_backend({"source": t.source, "tokenizer": t.tokenizer}, "llamacpp")
+            else:
+                teacher, t_tok = ctx.teacher().model, ctx.teacher().tokenizer
+            generate(teacher, t_tok, keep, GenParams(temperature=spec.teacher_temperature, **params),
+                     out=out / "teacher.jsonl", batch_size=spec.batch_size, model_name=recipe.teacher.source,
+                     remedy=remedy)
+        s_res = generate(ctx.student.model, tok, keep,
+                         GenParams(temperature=spec.student_temperature, n=spec.n if best_of_n else 1, **params),
                          out=out / "student.jsonl", batch_size=spec.batch_size, model_name="student (before)",
                          remedy=remedy)
         ctx.student.model.train()
-        good, bad, rows, dropped = build_pairs(keep, t_res.records, s_res.records, tok, recipe.data.seq_len, end)
-        write_atomic(out / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        ctx.echo(f"preference: {len(rows)} pairs in {out / 'pairs.jsonl'} (chosen: the teacher's answer, rejected: "
-                 f"the student's own); {dropped} dropped (chosen == rejected, or cut away by data.seq_len)")
+        if best_of_n:  # the judge's scores, saved so that every rank pairs the same answers
+            scores = judge_scores(ctx.teacher().model, keep, s_res.records, tok, end, recipe.data.seq_len, spec.judge,
+                                  spec.batch_size, ctx.pad_id, ctx.vocab)
+            write_atomic(out / "judge.jsonl", "".join(
+                json.dumps({"prompt_index": r["prompt_index"], "sample_index": r["sample_index"], "score": sc}) + "\n"
+                for r, sc in zip(s_res.records, scores)))
     ctx.wait()
     read = lambda name: [json.loads(x) for x in (out / name).read_text().splitlines() if x.strip()]  # noqa: E731
-    good, bad, _, _ = build_pairs(keep, read("teacher.jsonl"), read("student.jsonl"), tok, recipe.data.seq_len, end)
+    if best_of_n:
+        students = read("student.jsonl")
+        judged = {(j["prompt_index"], j["sample_index"]): j["score"] for j in read("judge.jsonl")}
+        chosen, rejected = best_and_worst(students, [judged[(r["prompt_index"], r["sample_index"])]
+                                                     for r in students])
+        what = f"chosen/rejected: the best/worst of {spec.n} student answers under the teacher's {spec.judge} " \
+               f"log-likelihood"
+    else:
+        chosen, rejected = read("teacher.jsonl"), read("student.jsonl")
+        what = "chosen: the teacher's answer, rejected: the student's own"
+    good, bad, rows, dropped = build_pairs(keep, chosen, rejected, tok, recipe.data.seq_len, end)
+    if ctx.main:
+        write_atomic(out / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        ctx.echo(f"preference: {len(rows)} pairs in {out / 'pairs.jsonl'} ({what}); {dropped} dropped "
+                 f"(chosen == rejected, or cut away by data.seq_len)")
     if not good:
         raise DistilError(f"{out}: no preference pair left: every student answer equals the teacher's or is cut away "
                           f"by data.seq_len={recipe.data.seq_len}; try preference.student_temperature > 0")
@@ -197,7 +299,8 @@ def prepare(ctx: Context) -> dict:
 
 def stage(ctx: Context) -> Stage:
     spec = ctx.recipe.preference
-    reference = freeze(copy.deepcopy(ctx.student.model).eval())  # the student before this stage
+    # the student before this stage (dpo's reference)
+    reference = freeze(copy.deepcopy(ctx.student.model).eval()) if spec.loss == "dpo" else None
     rejected = ctx.artifact["rejected"]
     chosen = {e["index"]: e for e in ctx.artifact["chosen"]}
 
@@ -209,17 +312,32 @@ def stage(ctx: Context) -> Stage:
             out.append({k: v.to(b["input_ids"].device) for k, v in pair.items() if k != "index"})
         return out
 
-    return Stage(phases=[Phase(name="preference", module=Trainable(ctx.student.model),
-                               loss_fn=build_dpo(reference, spec.beta, ctx.vocab), examples=ctx.artifact["chosen"],
-                               count=count_pairs, before_step=before_step)])
+    if spec.loss == "distillm2":
+        loss_fn, count = build_distillm2(ctx.teacher().model, spec.skew_alpha, ctx.vocab), count_targets
+    else:
+        loss_fn, count = build_dpo(reference, spec.beta, ctx.vocab), count_pairs
+    return Stage(phases=[Phase(name="preference", module=Trainable(ctx.student.model), loss_fn=loss_fn,
+                               examples=ctx.artifact["chosen"], count=count, before_step=before_step)])
+
+
+def check(recipe: Any, where: str) -> None:
+    """Cross-key checks of method `preference`, at validation."""
+    spec = recipe.preference
+    if spec.pairs == "best_of_n" and spec.student_temperature == 0:
+        raise DistilError(f"{where}: preference.student_temperature: best_of_n needs {spec.n} different student "
+                          f"answers per prompt; expected a temperature > 0, found 0")
+    if spec.pairs == "best_of_n" and spec.backend == "llamacpp":
+        raise DistilError(f"{where}: preference.backend: best_of_n generates with the student only (the teacher "
+                          f"judges in transformers); expected hf, found llamacpp")
 
 
 METHOD = Method(
     name="preference",
-    summary="preference (DPO) distillation: the teacher's answer is chosen, the student's own answer rejected, "
-            "the DPO loss against the student before this stage",
-    teacher="prepare",
+    summary="preference distillation: pairs without humans (the teacher's answer over the student's own, or the "
+            "teacher judging n student samples), trained with DPO or DistiLLM-2's contrastive loss",
+    teacher=lambda recipe: "train" if recipe.preference.loss == "distillm2" else "prepare",
     prepare=prepare,
     build=stage,
     options=PreferenceSpec,
+    check=check,
 )
