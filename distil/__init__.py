@@ -25,6 +25,27 @@ def evaluate(*args, **kwargs):
     return _evaluate(*args, **kwargs)
 
 
+def distill(*args, **kwargs):
+    """Distil any nn.Module pair through the training loop (see `distil.api.distill`; also api.born_again, api.mutual)."""
+    from distil.api import distill as _distill
+
+    return _distill(*args, **kwargs)
+
+
+def born_again(*args, **kwargs):
+    """Self-distillation: Born-Again generations of one architecture (see `distil.api.born_again`)."""
+    from distil.api import born_again as _born_again
+
+    return _born_again(*args, **kwargs)
+
+
+def mutual(*args, **kwargs):
+    """Online distillation: deep mutual learning between peers (see `distil.api.mutual`)."""
+    from distil.api import mutual as _mutual
+
+    return _mutual(*args, **kwargs)
+
+
 def export_gguf(*args, **kwargs):
     """Write a GGUF file (see `distil.export.export_gguf`)."""
     from distil.export import export_gguf as _export
@@ -32,4 +53,5 @@ def export_gguf(*args, **kwargs):
     return _export(*args, **kwargs)
 
 
-__all__ = ["DistilError", "Recipe", "load_recipe", "run", "evaluate", "export_gguf", "__version__"]
+__all__ = ["DistilError", "Recipe", "load_recipe", "run", "distill", "born_again", "mutual", "evaluate", "export_gguf",
+           "__version__"]
