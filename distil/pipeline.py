@@ -274,7 +274,7 @@ def export_student(recipe: Recipe, run_dir: Path, student_dir: Path | None, echo
     """The `export:` stage: the saved student -> GGUF (+ Modelfile), and llama.cpp's answers: to `export.prompt`,
     and to the held-out prompts of eval.answers, printed beside the teacher's answers to them."""
     from distil.export import export_gguf
-    from distil.generate import llamacpp_available, llamacpp_chat
+    from distil.generate import export_prompt_block, llamacpp_available
 
     spec = recipe.export
     if student_dir is None:
@@ -290,9 +290,9 @@ def export_student(recipe: Recipe, run_dir: Path, student_dir: Path | None, echo
     if not llamacpp_available():
         echo("llama-cpp-python is not installed: skipping the llama.cpp answers (pip install distil[llamacpp])")
         return Path(result.path)
-    if spec.prompt:
-        answer = llamacpp_chat(result.path, spec.prompt, spec.max_tokens)
-        echo(f"llama.cpp, {spec.quant} student> {spec.prompt}\n{answer.strip()}")
+    if spec.prompt:  # the student's answer and tokens/s, and the teacher's beside it when the teacher is a GGUF
+        echo(export_prompt_block(result.path, spec.quant, spec.prompt, spec.max_tokens, recipe.teacher.source,
+                                 recipe.train.threads or None)[0])
     if held_out:
         from distil.eval.answers import format_answers
         from distil.generate import generate
