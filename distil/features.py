@@ -215,7 +215,7 @@ class FeatureMatcher(nn.Module):
             if not project and s_shape[1:] != t_shape[1:]:
                 raise DistilError(f"feature pair {i}: student {pair.student!r} {list(s_shape)} and teacher "
                                   f"{pair.teacher!r} {list(t_shape)} cannot be matched without a projection; "
-                                  f"expected equal shapes, or project: true (a learned FitNets regressor)")
+                                  f"expected equal shapes, or a learned projection (FitNets regressor)")
             if project:
                 self.proj[str(i)] = make_projection(s_w, t_w, conv=len(s_shape) == 4)
 
