@@ -68,6 +68,19 @@ def test_sorted_w1_against_a_float64_hand_computation():
     assert got.double().numpy() == pytest.approx(want, rel=1e-5)
 
 
+def test_sorted_w1_top_k_counts_the_ranks_beyond_k_as_the_difference_of_the_tails():
+    p = torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64)
+    q = torch.tensor([[0.1, 0.6, 0.1, 0.2]], dtype=torch.float64)
+    # k = 2: |0.5 - 0.6| + |0.3 - 0.2| + |(0.2) - (0.1 + 0.1)| = 0.2 (the exact 0.4 minus at most 2 min(tails))
+    assert float(sorted_w1(p, q, top_k=2)[0]) == pytest.approx(0.2, rel=1e-12)
+    # k = 3: p whole, q's ranks 1..3 and its tail 0.1: |.5-.6| + |.3-.2| + |.2-.1| + |0 - 0.1| = exact
+    assert float(sorted_w1(p, q, top_k=3)[0]) == pytest.approx(0.4, rel=1e-12)
+    rng = np.random.default_rng(1)
+    a, b = torch.tensor(rng.dirichlet(np.ones(40), size=2)), torch.tensor(rng.dirichlet(np.ones(60), size=2))
+    assert torch.allclose(sorted_w1(a, b, top_k=60), sorted_w1(a, b))
+    assert bool((sorted_w1(a, b, top_k=5) <= sorted_w1(a, b) + 1e-12).all())
+
+
 def test_identical_or_permuted_distributions_give_zero():
     z = torch.randn(4, 30)
     assert torch.allclose(uld_distance(z, z), torch.zeros(4), atol=1e-7)

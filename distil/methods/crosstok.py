@@ -66,6 +66,9 @@ class CrossTokSpec:
     temperature: float = option(1.0, "Divides both models' logits in the distillation term (scaled by T^2).", gt=0.0)
     matched_weight: float = option(1.0, "gold: weight of the KL on the exact-match pieces (the ULD on the rest "
                                    "weighs 1).", ge=0.0)
+    top_k: int = option(0, "Sort only the k most likely tokens of each side (ranks beyond k count as the difference "
+                        "of the two remaining masses: a lower bound of the exact ULD term); 0 = the full sort, "
+                        "exact, seconds per hundred positions for a 262k vocabulary on a CPU.", ge=0)
     chunk_size: int = option(64, "Aligned positions whose [positions x vocab] probabilities are sorted at a time.",
                              gt=0)
 
@@ -74,24 +77,35 @@ class CrossTokSpec:
 # The distances (pure functions of probabilities / logits)
 
 
-def sorted_w1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def sorted_w1(p: torch.Tensor, q: torch.Tensor, top_k: int = 0) -> torch.Tensor:
     """sum_i |sort(p)_i - sort(q)_i| per row, both sorted descending, the shorter padded with zeros: p [..., Vp],
-    q [..., Vq] -> [...]. Differentiable in both (through the sorted values)."""
-    ps = p.sort(dim=-1, descending=True).values
-    qs = q.sort(dim=-1, descending=True).values
+    q [..., Vq] -> [...]. Differentiable in both (through the sorted values).
+
+    `top_k` > 0: only the k largest probabilities of each side are sorted (a full sort of a 262k vocabulary costs
+    seconds per hundred positions on a CPU); the ranks beyond k count as |tail(p) - tail(q)|, the difference of the
+    two masses left beyond rank k. That is a lower bound of their exact term (sum_{i>k} |p_i - q_i|), short of it
+    by at most 2 min(tail(p), tail(q)), and exact when one tail is empty."""
+    if top_k:
+        ps = p.topk(min(top_k, p.shape[-1]), dim=-1).values
+        qs = q.topk(min(top_k, q.shape[-1]), dim=-1).values
+        tail = ((p.sum(-1) - ps.sum(-1)) - (q.sum(-1) - qs.sum(-1))).abs()
+    else:
+        ps = p.sort(dim=-1, descending=True).values
+        qs = q.sort(dim=-1, descending=True).values
+        tail = 0.0
     n = min(ps.shape[-1], qs.shape[-1])
     d = (ps[..., :n] - qs[..., :n]).abs().sum(-1)
-    return d + ps[..., n:].sum(-1) + qs[..., n:].sum(-1)  # the padded zeros: |p_i - 0| beyond the shorter
+    return d + ps[..., n:].sum(-1) + qs[..., n:].sum(-1) + tail  # beyond the shorter: |p_i - 0|
 
 
-def uld_distance(zs: torch.Tensor, zt: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def uld_distance(zs: torch.Tensor, zt: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """ULD per row: W1 of softmax(zs / T) and softmax(zt / T) over their own vocabularies (fp32)."""
-    return sorted_w1(F.softmax(zs.float() / temperature, -1), F.softmax(zt.float() / temperature, -1))
+    return sorted_w1(F.softmax(zs.float() / temperature, -1), F.softmax(zt.float() / temperature, -1), top_k)
 
 
 def gold_distance(zs: torch.Tensor, zt: torch.Tensor, matched: tuple[torch.Tensor, torch.Tensor],
                   unmatched: tuple[torch.Tensor, torch.Tensor], temperature: float = 1.0,
-                  matched_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  matched_weight: float = 1.0, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """GOLD-style per row: (matched_weight * KL(q_T || q_S) + W1 on the unmatched mass, KL(q_T || q_S)).
     `matched` = (student ids, teacher ids) of the exact-match pieces, pairwise; `unmatched` = every other id of each
     vocabulary. q = the distribution restricted to the matched pieces and renormalised."""
@@ -103,7 +117,7 @@ def gold_distance(zs: torch.Tensor, zt: torch.Tensor, matched: tuple[torch.Tenso
     else:
         kl = zs.new_zeros(zs.shape[0])
     us, ut = unmatched
-    w1 = sorted_w1(F.softmax(zs, -1)[:, us], F.softmax(zt, -1)[:, ut])
+    w1 = sorted_w1(F.softmax(zs, -1)[:, us], F.softmax(zt, -1)[:, ut], top_k)
     return matched_weight * kl + w1, kl
 
 
@@ -210,11 +224,11 @@ def build_crosstok(teacher: Any, teacher_tok: Any, student_tok: Any, spec: Cross
                 zs = s_logits[paired.s_rows[sl].to(device), paired.s_pos[sl].to(device), :vocab]
                 zt = zt_all[sl].to(device)
                 if spec.loss == "uld":
-                    d = uld_distance(zs, zt, spec.temperature)
+                    d = uld_distance(zs, zt, spec.temperature, spec.top_k)
                 else:
                     d, kl = gold_distance(zs, zt, (ms_t.to(device), mt_t.to(device)),
                                           (unmatched[0].to(device), unmatched[1].to(device)), spec.temperature,
-                                          spec.matched_weight)
+                                          spec.matched_weight, spec.top_k)
                     m_sum = m_sum + kl.detach().sum()
                 d_sum = d_sum + d.sum()
         soft = spec.uld_weight * spec.temperature ** 2 * d_sum
