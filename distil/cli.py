@@ -7,6 +7,7 @@
   distil export MODEL_DIR_OR_RUN --gguf OUT.gguf --quant Q4_K_M
   distil generate MODEL_OR_RECIPE [key=value ...] --prompts FILE --out FILE.jsonl [--backend hf|llamacpp]
   distil prune RECIPE [key=value ...] --out DIR [--overwrite]
+  distil inspect MODEL_OR_RUN --text TEXT [--positions 3,7] [--temperatures 1,2,4] [--top-k 5] [--png FILE]
   distil ls
   distil demo [key=value ...]
 
@@ -174,9 +175,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from distil.eval.inspect import inspect_target
+
+    _setup_quiet()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    print(inspect_target(args.model, args.text, positions=args.positions, temperatures=args.temperatures,
+                         k=args.top_k, png=args.png, warn=lambda line: print(line, file=sys.stderr)))
+    return 0
+
+
 VERBS = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval, "ls": cmd_ls, "demo": cmd_demo,
          "export": cmd_export, "cache": cmd_cache, "generate": cmd_generate,
-         "prune": cmd_prune}
+         "prune": cmd_prune, "inspect": cmd_inspect}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("overrides", nargs="*", help="key.path=value overrides (e.g. prune.depth=20 prune.mlp=0.5)")
     pr.add_argument("--out", required=True, help="output Hugging Face model directory")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    ins = sub.add_parser("inspect", help="dark knowledge: the soft targets behind each next token (teacher and "
+                         "student of a run side by side)")
+    ins.add_argument("model", help="run directory (its teacher and student), HF model directory, .gguf or "
+                     "embedded:NAME")
+    ins.add_argument("--text", required=True, help="the text to read")
+    ins.add_argument("--positions", default=None, help="comma-separated token positions (negative: from the end); "
+                     "default: all (the first 32)")
+    ins.add_argument("--temperatures", default="1,2,4", help="comma-separated softmax temperatures")
+    ins.add_argument("--top-k", type=int, default=5, help="soft targets shown per position")
+    ins.add_argument("--png", default=None, help="also draw the table as a PNG")
+    ins.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
 

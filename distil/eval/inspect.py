@@ -1,0 +1,234 @@
+"""`distil inspect MODEL_OR_RUN --text "..."`: the soft targets behind each next token, as a table and a PNG.
+
+A run directory shows its teacher (recipe.yaml's teacher.source) and its trained student (student/) side by
+side on the same tokens; any other target (a Hugging Face directory, a .gguf file, `embedded:NAME`) is shown
+alone. The numbers come from distil/eval/diagnostics.py (float64): per position and temperature the top-k soft
+targets, the entropy and the mass outside the top-1; with two models KL(teacher || student) per position and
+the positions where they disagree most.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from distil.errors import DistilError
+from distil.eval.diagnostics import PositionView, disagreement, entropy, inspect_positions, most_disagreeing, \
+    tempered_softmax
+
+DEFAULT_SHOWN = 32  # positions shown when --positions is not given (all of a short text)
+
+
+@dataclass
+class Inspection:
+    text_ids: list[int]
+    names: list[str]  # "teacher", "student", or the one model's source
+    views: list[PositionView]
+    logits: dict[str, torch.Tensor]  # name -> [N, V] float32 (the shared vocabulary)
+    temperatures: list[float]
+    worst: list[int]  # positions where teacher and student disagree most (two models only)
+    note: str = ""
+
+
+def parse_temperatures(text: str) -> list[float]:
+    try:
+        temps = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        temps = []
+    if not temps or not all(t > 0 and t == t and t != float("inf") for t in temps):
+        raise DistilError(f"--temperatures: expected comma-separated numbers > 0 (e.g. 1,2,4), found {text!r}")
+    return temps
+
+
+def parse_positions(text: str | None, n: int) -> list[int] | None:
+    """'3,7,-1' -> [3, 7, n-1]; None -> None (the default choice). Out of range: one line."""
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        try:
+            i = int(part)
+        except ValueError:
+            raise DistilError(f"--positions: expected comma-separated integers, found {part.strip()!r}") from None
+        if not -n <= i < n:
+            raise DistilError(f"--positions: position {i} is out of range: the text has {n} tokens (positions "
+                              f"0..{n - 1}, or -{n}..-1 from the end)")
+        out.append(i % n)
+    return list(dict.fromkeys(out))
+
+
+def load_target(target: str) -> tuple[dict[str, Any], Any]:
+    """{name: model} in display order and the shared tokenizer."""
+    from distil.models import check_same_vocab, load_model, load_teacher
+
+    path = Path(target)
+    if (path / "recipe.yaml").is_file():
+        from distil.recipe import load_recipe
+
+        recipe = load_recipe(path / "recipe.yaml")
+        if not (path / "student" / "config.json").is_file():
+            raise DistilError(f"{path}: a run directory without a saved student (student/config.json); inspect a "
+                              f"model directory instead, or run with output.save_student: true")
+        teacher = load_teacher(recipe)
+        student = load_model(str(path / "student"), teacher=teacher, role="student")
+        if teacher is None:
+            return {"student": student.model}, student.tokenizer
+        check_same_vocab(teacher, student)  # one line naming both tokenizers when they differ
+        return {"teacher": teacher.model, "student": student.model}, student.tokenizer
+    if not (target.startswith(("embedded:", "config:")) or path.exists()):
+        raise DistilError(f"{target}: expected a run directory, a model directory, a .gguf file or embedded:NAME, "
+                          f"found nothing")
+    loaded = load_model(target)
+    return {target: loaded.model}, loaded.tokenizer
+
+
+def context_limit(models: dict[str, Any]) -> int | None:
+    limits = [getattr(m.config, "max_position_embeddings", None) for m in models.values()]
+    limits = [x for x in limits if x]
+    return min(limits) if limits else None
+
+
+@torch.no_grad()
+def model_logits(model: Any, ids: list[int], vocab: int) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        out = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :, :vocab]
+    finally:
+        model.train(was)
+    return out.float().cpu()
+
+
+def inspect_text(models: dict[str, Any], tok: Any, text: str, *, positions: str | None = None,
+                 temperatures: list[float] = (1.0, 2.0, 4.0), k: int = 5,
+                 warn: Callable[[str], None] = print) -> Inspection:
+    if k < 1:
+        raise DistilError(f"--top-k: expected an integer >= 1, found {k}")
+    ids = list(tok(text)["input_ids"])
+    if not ids:
+        raise DistilError("--text: expected some text, found none (no tokens)")
+    limit = context_limit(models)
+    if limit and len(ids) > limit:
+        warn(f"warning: --text has {len(ids)} tokens, longer than the model's context of {limit} "
+             f"(max_position_embeddings): truncated to the first {limit}")
+        ids = ids[:limit]
+    vocab = len(tok)
+    logits = {name: model_logits(m, ids, vocab) for name, m in models.items()}
+    names = list(logits)
+    chosen = parse_positions(positions, len(ids))
+    worst: list[int] = []
+    if len(names) == 2:
+        kl, differs = disagreement(logits[names[0]], logits[names[1]])
+        worst = most_disagreeing(kl, differs, 5)
+    note = ""
+    if chosen is None:
+        chosen = list(range(min(len(ids), DEFAULT_SHOWN)))
+        if len(ids) > DEFAULT_SHOWN:
+            note = f"showing positions 0..{DEFAULT_SHOWN - 1} of {len(ids)}; choose others with --positions"
+    views = inspect_positions(ids, logits, chosen, list(temperatures), k)
+    return Inspection(ids, names, views, logits, list(temperatures), worst, note)
+
+
+def _tok(tok: Any, i: int | None, width: int = 12) -> str:
+    if i is None:
+        return "(end)"
+    s = repr(tok.decode([i]))
+    return s if len(s) <= width else s[:width - 1] + "…"
+
+
+def format_inspection(ins: Inspection, tok: Any) -> str:
+    """The table: per position and model, one line per temperature (entropy, mass outside the top-1, top-k)."""
+    two = len(ins.names) == 2
+    width = max(len(n) for n in ins.names)
+    lines = [f"{'pos':>4}  {'token':<12} -> {'next':<12}  {'model':<{width}}  {'T':>4}  {'H nats':>7}  "
+             f"{'1-top1':>6}  top-{len(ins.views[0].models[ins.names[0]][0].ids)} soft targets"]
+    for v in ins.views:
+        head = f"{v.position:>4}  {_tok(tok, v.token):<12} -> {_tok(tok, v.next_token):<12}"
+        for name in ins.names:
+            for st in v.models[name]:
+                targets = "  ".join(f"{_tok(tok, i)} {p:.3f}" for i, p in zip(st.ids, st.probs))
+                lines.append(f"{head}  {name:<{width}}  {st.temperature:>4g}  {st.entropy:>7.3f}  "
+                             f"{st.outside_top1:>6.3f}  {targets}")
+                head = " " * len(head)
+        if two:
+            kls = "  ".join(f"T={t:g}: {x:.4f}" for t, x in v.kl.items())
+            lines.append(f"{head}  KL({ins.names[0]}||{ins.names[1]}) {kls}"
+                         + ("  argmax differs" if v.argmax_differs else ""))
+    if ins.note:
+        lines.append(ins.note)
+    if two:
+        a, b = ins.names
+        kl, differs = disagreement(ins.logits[a], ins.logits[b])
+        lines.append(f"where {a} and {b} disagree most (KL({a}||{b}) at T=1, over all {len(ins.text_ids)} "
+                     f"positions; mean {float(kl.mean()):.4f}, argmax differs at {int(differs.sum())}):")
+        for i in ins.worst:
+            nxt = ins.text_ids[i + 1] if i + 1 < len(ins.text_ids) else None
+            pa, pb = tempered_softmax(ins.logits[a][i]), tempered_softmax(ins.logits[b][i])
+            ta, tb = int(pa.argmax()), int(pb.argmax())
+            lines.append(f"  pos {i:>3} {_tok(tok, ins.text_ids[i])} -> {_tok(tok, nxt)}: KL {float(kl[i]):.4f}; "
+                         f"{a} {_tok(tok, ta)} {float(pa[ta]):.3f}, {b} {_tok(tok, tb)} {float(pb[tb]):.3f}"
+                         + (" (argmax differs)" if bool(differs[i]) else ""))
+    return "\n".join(lines)
+
+
+def draw_inspection(ins: Inspection, tok: Any, path: str | Path, panels: int = 6) -> Path:
+    """A PNG: entropy (and KL) per position over the whole text, then one bar panel per shown position (up to
+    `panels`): the first model's top-k tokens at T=1, their probability under every model and temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    views = ins.views[:panels]
+    cols = min(3, len(views))
+    rows = 1 + (len(views) + cols - 1) // cols
+    fig = plt.figure(figsize=(4.2 * cols + 1, 2.8 * rows), dpi=90)
+    ax = fig.add_subplot(rows, 1, 1)
+    xs = range(len(ins.text_ids))
+    for name in ins.names:
+        ax.plot(xs, entropy(tempered_softmax(ins.logits[name])).numpy(), marker=".", label=f"H {name}")
+    if len(ins.names) == 2:
+        kl, _ = disagreement(ins.logits[ins.names[0]], ins.logits[ins.names[1]])
+        ax.plot(xs, kl.numpy(), marker="x", label=f"KL({ins.names[0]}||{ins.names[1]})")
+    ax.set_xlabel("position")
+    ax.set_ylabel("nats (T=1)")
+    ax.legend(fontsize=7)
+    first = ins.names[0]
+    series = [(n, t) for n in ins.names for t in ins.temperatures]
+    width = 0.8 / len(series)
+    for j, v in enumerate(views):
+        pax = fig.add_subplot(rows, cols, cols + j + 1)
+        ids = v.models[first][0].ids
+        for s, (name, t) in enumerate(series):
+            p = tempered_softmax(ins.logits[name][v.position], t)
+            pax.bar([x + s * width for x in range(len(ids))], [float(p[i]) for i in ids], width,
+                    label=f"{name} T={t:g}", hatch="//" if name != first else None)
+        pax.set_xticks([x + 0.4 - width / 2 for x in range(len(ids))])
+        pax.set_xticklabels([_tok(tok, i, 10) for i in ids], rotation=30, fontsize=7)
+        pax.set_title(f"pos {v.position}: {_tok(tok, v.token)} -> {_tok(tok, v.next_token)}", fontsize=8)
+        pax.set_ylim(0, 1)
+        if j == 0:
+            pax.legend(fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def inspect_target(target: str, text: str, *, positions: str | None = None, temperatures: str = "1,2,4",
+                   k: int = 5, png: str | None = None, warn: Callable[[str], None] = print) -> str:
+    """`distil inspect`: load, compute, format (and draw). Returns the table."""
+    temps = parse_temperatures(temperatures)
+    if k < 1:
+        raise DistilError(f"--top-k: expected an integer >= 1, found {k}")
+    models, tok = load_target(target)
+    ins = inspect_text(models, tok, text, positions=positions, temperatures=temps, k=k, warn=warn)
+    table = format_inspection(ins, tok)
+    if png:
+        table += f"\nwrote {draw_inspection(ins, tok, png)}"
+    return table
