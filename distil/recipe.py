@@ -142,6 +142,9 @@ class EvalSpec:
     samples: int = _f(1, "Samples per eval.task question at eval.temperature for pass@k and diversity (1 = greedy "
                       "only).", ge=1)
     temperature: float = _f(0.8, "Sampling temperature of eval.samples.", gt=0.0)
+    diversity_warn: float = _f(0.5, "Mode/diversity collapse: with eval.samples > 1, warn in the report when a "
+                               "student's distinct-2 falls below this fraction of the teacher's (0 = never).",
+                               ge=0.0, le=1.0)
 
 
 @dataclass

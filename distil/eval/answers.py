@@ -7,8 +7,10 @@ given text; this says what the student does when it has to write the text itself
   chat template, BOS). Printed side by side and saved in eval.json / report.md: "before and after" in words.
 - `eval.task: NAME` (distil/eval/tasks.py): every row answers the task's first `eval.task_size` eval questions,
   greedy (accuracy = pass@1 of the greedy answer) and, with `eval.samples: n > 1`, n samples per question at
-  `eval.temperature` (unbiased pass@1 and pass@n of Chen et al. 2021, distinct-1/2, self-BLEU within a question,
-  mean length, the fraction cut at max tokens), all from `distil.eval.generation.generation_metrics`. Questions
+  `eval.temperature` (the unbiased pass@k curve of Chen et al. 2021 for k = 1..n, distinct-1/2, self-BLEU within
+  a question, mean length, the fraction cut at max tokens), all from `distil.eval.generation.generation_metrics`.
+  Mode / diversity collapse: a student whose sampled distinct-2 is below `eval.diversity_warn` x the teacher's
+  gets a warning line (a mode-seeking objective can raise pass@1 and lower pass@n). Questions
   are rendered by `distil/data.py` the way the task's training records are (same chat/BOS conventions).
 """
 
@@ -105,7 +107,8 @@ def task_metrics(rows: dict[str, Any], tok: Any, recipe: Any) -> dict[str, dict]
             sampled = _generate(model, own, prompts, GenParams(max_new_tokens=spec.max_new_tokens,
                                                                temperature=spec.temperature, n=spec.samples,
                                                                seed=recipe.seed), spec.batch_size)
-            s = generation_metrics(sampled, task, golds, ks=sorted({1, spec.samples}), distinct=(1, 2))
+            # the whole pass@k curve, k = 1..n: a mode-seeking student can raise pass@1 and lower pass@n
+            s = generation_metrics(sampled, task, golds, ks=range(1, spec.samples + 1), distinct=(1, 2))
             m.update({k: v for k, v in s.items() if k not in ("n_prompts", "n_samples", "accuracy")})
         else:
             s = generation_metrics(greedy, distinct=(1, 2))
@@ -127,7 +130,34 @@ def generation_eval(recipe: Any, rows: dict[str, Any], tok: Any, held_out: list[
             out.update(answers(rows, tok, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size))
         if spec.task:
             out["task"] = {"name": spec.task, "size": spec.task_size, "samples": spec.samples,
-                           "rows": task_metrics(rows, tok, recipe)}
+                           "rows": task_metrics(rows, tok, recipe), "diversity_warn": spec.diversity_warn}
+            out["task"]["warnings"] = diversity_warnings(out["task"])
+    return out
+
+
+def pass_curve(metrics: dict, n: int) -> list[float]:
+    """[pass@1, ..., pass@n] of one row (the keys generation_metrics wrote; [] for a greedy-only row)."""
+    return [metrics[f"pass@{k}"] for k in range(1, n + 1)] if all(f"pass@{k}" in metrics
+                                                                   for k in range(1, n + 1)) else []
+
+
+def diversity_warnings(task: dict[str, Any]) -> list[str]:
+    """Mode / diversity collapse: one line per student row whose sampled distinct-2 is below `diversity_warn`
+    times the teacher's (eval.samples > 1 only: a greedy answer has no diversity to lose; no teacher row, or
+    diversity_warn 0: none)."""
+    rows, frac, n = task.get("rows") or {}, task.get("diversity_warn") or 0.0, task.get("samples", 1)
+    teacher = rows.get("teacher")
+    if n < 2 or not frac or not teacher or "distinct-2" not in teacher:
+        return []
+    out = []
+    for name, m in rows.items():
+        if name == "teacher" or "distinct-2" not in m or m["distinct-2"] >= frac * teacher["distinct-2"]:
+            continue
+        nan = float("nan")
+        out.append(f"warning: {name}: distinct-2 {m['distinct-2']:.3f} is below {frac:g} x the teacher's "
+                   f"{teacher['distinct-2']:.3f} (mode/diversity collapse: its samples repeat each other); "
+                   f"pass@1 {m.get('pass@1', nan):.3f} vs the teacher's {teacher.get('pass@1', nan):.3f}, "
+                   f"pass@{n} {m.get(f'pass@{n}', nan):.3f} vs {teacher.get(f'pass@{n}', nan):.3f}")
     return out
 
 
@@ -156,4 +186,17 @@ def format_task(report: dict[str, Any]) -> str:
     lines = [f"{head:<30}" + "".join(f"{k:>13}" for k in keys)]
     for name, m in rows.items():
         lines.append(f"{name:<30}" + "".join(f"{m[k]:>13.3f}" if k in m else f"{'':>13}" for k in keys))
+    n = report["task"]["samples"]
+    curves = {name: pass_curve(m, n) for name, m in rows.items()}
+    if n > 1 and any(curves.values()):  # the pass@k curve (unbiased, Chen et al.) and distinct-n beside it
+        lines.append("")
+        lines.append(f"{'pass@k, k = 1..' + str(n):<30}" + "".join(f"{k:>7}" for k in range(1, n + 1))
+                     + f"{'distinct-1':>12}{'distinct-2':>12}")
+        for name, curve in curves.items():
+            if curve:
+                m = rows[name]
+                lines.append(f"{name:<30}" + "".join(f"{v:>7.3f}" for v in curve)
+                             + "".join(f"{m[k]:>12.3f}" if k in m else f"{'':>12}"
+                                       for k in ("distinct-1", "distinct-2")))
+    lines.extend(diversity_warnings(report["task"]))
     return "\n".join(lines)
