@@ -200,3 +200,24 @@ def test_hidden_width_rounds_to_multiple_of():
     assert P.mlp_width(576, 1 / 3, 1, "prune.hidden") == 384
     assert P.mlp_width(576, 0.1, 256, "prune.hidden") == 512
     assert P.mlp_width(576, 0.5, 256, "prune.hidden") == 256
+    assert P.mlp_width(576, 0.0, 256, "prune.hidden") == 576  # 0 = nothing removed, whatever multiple_of says
+
+
+def test_calibration_data_shorter_than_asked_exits_2_before_anything_is_written(tmp_path, tiny_teacher, capsys):
+    from distil.cli import main
+
+    path = _recipe(tmp_path, tiny_teacher, {"hidden": 0.25, "calib_examples": 100000})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "prune.calib_examples: expected 100000 calibration examples" in err and "\n" not in err
+    assert not (tmp_path / "runs" / "p").exists()
+
+
+def test_calibration_batches_refuses_too_few_examples():
+    from distil.compress.calibration import calibration_batches
+    from distil.errors import DistilError
+
+    ex = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}] * 3
+    assert len(calibration_batches(ex, 3, 2, 0)) == 2
+    with pytest.raises(DistilError, match="expected 4 calibration examples .* found 3"):
+        calibration_batches(ex, 4, 2, 0, "sparse.calib_examples")

@@ -13,7 +13,11 @@ from distil.errors import DistilError
 
 def calibration_batches(examples: list[dict], n_examples: int, batch_size: int, pad_id: int,
                         where: str = "calibration") -> list[dict]:
-    """The first `n_examples` examples (all when fewer) as batches of `batch_size`; refused when there are none."""
+    """The first `n_examples` examples as batches of `batch_size`; refused when the data holds fewer (the scores
+    would silently rest on less calibration than the recipe asked for) or no tokens at all."""
+    if len(examples) < n_examples:
+        raise DistilError(f"{where}: expected {n_examples} calibration examples (the first of the training data), "
+                          f"found {len(examples)}; lower {where} or give more training data")
     chosen = examples[:n_examples]
     if not chosen or sum(len(e["input_ids"]) for e in chosen) < 2:
         raise DistilError(f"{where}: expected calibration examples (the training data), found "

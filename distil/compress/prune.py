@@ -265,6 +265,8 @@ def mlp_width(intermediate: int, ratio: float, multiple_of: int = 1, key: str = 
     (never below one multiple, never above the width)."""
     if not 0.0 <= ratio < 1.0:
         raise DistilError(f"{key}: expected a fraction to remove in [0, 1) (0 = none), found {ratio}")
+    if ratio == 0.0:  # nothing removed: no rounding either (576 is not a multiple of 256, and stays)
+        return intermediate
     keep = int(math.floor(intermediate * (1.0 - ratio) + 1e-9))
     keep = max(multiple_of, keep // multiple_of * multiple_of)
     return min(keep, intermediate)
