@@ -121,6 +121,8 @@ class TrainSpec:
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
     keep_last: int = _f(2, "Checkpoints to keep.", gt=0)
     progress: bool = _f(True, "Show a progress bar (loss, tokens/s).")
+    report_to: Literal["none", "tensorboard"] = _f("none", "Also log every metrics.jsonl row as TensorBoard scalars "
+                                                   "(<run dir>/tensorboard/; needs pip install 'distil[tensorboard]').")
 
 
 @dataclass
@@ -236,6 +238,10 @@ def _validate_cross(recipe: Recipe, where: str) -> None:
             raise DistilError(f"{where}: {role}.config: overrides need a 'config:' source, found source {spec.source!r}")
     if len(recipe.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in recipe.train.betas):
         raise DistilError(f"{where}: train.betas: expected two numbers in [0, 1), found {recipe.train.betas}")
+    if recipe.train.report_to == "tensorboard":
+        from distil.trainer import check_tensorboard
+
+        check_tensorboard(where)  # missing: refused before anything is loaded or written
     if recipe.export.enabled and not recipe.output.save_student:
         raise DistilError(f"{where}: export.enabled: the export stage needs output.save_student: true, found false")
     if not recipe.name or "/" in recipe.name or recipe.name.startswith("."):

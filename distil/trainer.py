@@ -29,9 +29,30 @@ import torch
 from distil.checkpoint import (CKPT_PREFIX, STATE_FILE, list_checkpoints,  # noqa: F401
                                load_checkpoint, resolve_resume, retire_newer, save_checkpoint, truncate_metrics)
 from distil.data import collate as lm_collate, micro_batch
-from distil.errors import crash_point
+from distil.errors import DistilError, crash_point
 from distil.methods.contract import count_targets
 from distil.rng import gather_rng
+
+
+def check_tensorboard(where: str = "train.report_to") -> None:
+    """train.report_to: tensorboard needs the `tensorboard` package (torch.utils.tensorboard writes through it)."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise DistilError(f"{where}: train.report_to: 'tensorboard' needs the tensorboard package, found it not "
+                          f"installed; pip install 'distil[tensorboard]' (or pip install tensorboard), or set "
+                          f"train.report_to: none") from None
+
+
+def tensorboard_writer(spec: Any, run_dir: Path, start: int) -> Any:
+    """A SummaryWriter into run_dir/tensorboard/ when spec.report_to is 'tensorboard', else None. A resumed run
+    purges the events after its checkpoint's step (as metrics.jsonl is truncated there)."""
+    if getattr(spec, "report_to", "none") != "tensorboard":
+        return None
+    check_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start or None)
 
 
 class TrainingDiverged(Exception):
@@ -142,6 +163,7 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
         metrics_path.write_text("")
     prepared, opt = acc.prepare(model, opt)
     world, rank = acc.num_processes, acc.process_index
+    writer = tensorboard_writer(spec, run_dir, start) if acc.is_main_process else None
 
     from tqdm.auto import tqdm
 
@@ -204,6 +226,10 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
                    "tokens": tokens_seen, "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t0, 3)}
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            if writer is not None:  # the same row as TensorBoard scalars, tagged <phase>/<metric>
+                for name, value in row.items():
+                    if name != "step" and value is not None:
+                        writer.add_scalar(f"{tag}/{name}", value, done)
             tokens_window, window_t = 0, now
         bar.set_postfix(loss=f"{loss_value:.4f}", **{k: f"{v:.4f}" for k, v in totals.items()}, tok_s=f"{tps:.0f}")
         bar.update(1)
@@ -217,6 +243,8 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
                                                 rng_states=rng))
                 crash_point(f"train:saved-{done}")
     bar.close()
+    if writer is not None:
+        writer.close()
     acc.wait_for_everyone()
     # The trained module itself, without DDP and without accelerate's autocast wrapper on its forward: evaluation
     # rows must all run at one precision (a wrapped student would run under bf16 autocast, its `before` copy not).
