@@ -17,6 +17,14 @@ learned by the student in the student's own chat format. Three mismatches silent
    keeps going: the classic base student under an instruct teacher's template. Refused, naming the token and
    the student's EOS, unless the recipe says which token ends the student's answers (`student.eos_token`,
    saved with the student and written into its GGUF).
+4. **Two BOS conventions.** Gemma starts every sequence with BOS and scores absurdly without it (perplexity 33 vs
+   1,826 on one sentence); SmolLM2 adds none. When text crosses tokenizers each model reads it through its own
+   tokenizer, with its own BOS (`tok(text)` adds it; data.py's `ensure_bos` for rendered examples), so any pair
+   works. When token ids cross (one vocabulary: the teacher reads the student's ids) a teacher that adds BOS needs
+   a student that adds the same, or it would read every example without the BOS it needs: `check_bos` refuses,
+   naming both tokenizers. A
+   teacher whose template renders no BOS although its tokenizer adds one would be asked its prompts without it
+   (generation renders prompts through the template as they are): refused by `check_teacher_data`.
 """
 
 from __future__ import annotations
@@ -45,6 +53,31 @@ def stop_ids(tok: Any, model: Any = None) -> list[int]:
             if isinstance(i, int) and i not in ids:
                 ids.append(i)
     return ids
+
+
+def adds_bos(tok: Any) -> int | None:
+    """The BOS id the tokenizer puts in front of a text by itself (Gemma, Llama), or None (SmolLM2, Qwen)."""
+    bos = getattr(tok, "bos_token_id", None)
+    ids = tok("a")["input_ids"] if bos is not None else []
+    return int(bos) if ids and ids[0] == bos else None
+
+
+def _bos_name(tok: Any, bos: int | None) -> str:
+    return f"starts every sequence with BOS {tok.convert_ids_to_tokens(bos)!r}" if bos is not None else "adds no BOS"
+
+
+def check_bos(teacher_tok: Any, student_tok: Any, where: str = "teacher and student") -> None:
+    """Token ids cross (the teacher reads the student's ids): a teacher whose tokenizer adds a BOS must find that
+    BOS in the student's ids, i.e. the student's tokenizer adds the same one (module docstring, 4). One line naming
+    both tokenizers otherwise. The other way round (the student adds a BOS the teacher's tokenizer does not) the
+    teacher reads one extra structural token at position 0, a token of its own vocabulary that is never a target:
+    allowed."""
+    bt, bs = adds_bos(teacher_tok), adds_bos(student_tok)
+    if bt is not None and bt != bs:
+        raise DistilError(f"{where}: the teacher's tokenizer ({name(teacher_tok)}) {_bos_name(teacher_tok, bt)} and "
+                          f"the student's ({name(student_tok)}) {_bos_name(student_tok, bs)}; the teacher reads the "
+                          f"student's token ids, so expected one BOS convention, found two (a model trained with BOS "
+                          f"scores absurdly without it); give the student the teacher's tokenizer (student.tokenizer)")
 
 
 def turn_end(tok: Any, chat: bool) -> list[int]:
@@ -90,6 +123,16 @@ def check_teacher_data(teacher_tok: Any, student_tok: Any, *, student_model: Any
         raise DistilError(f"{where}: the teacher ({t}) answers in a chat template and the student ({s}) has none, "
                           f"so it would learn answers without the turn markers it will be prompted with; set "
                           f"student.chat_template: teacher (and student.eos_token) or data.chat_template: false")
+    if ids_cross:
+        check_bos(teacher_tok, student_tok, where)
+    elif chat and has_template(teacher_tok) and adds_bos(teacher_tok) is not None:
+        rendered = teacher_tok.apply_chat_template([{"role": "user", "content": "Q"}], add_generation_prompt=True,
+                                                   tokenize=False)
+        if teacher_tok(rendered, add_special_tokens=False)["input_ids"][:1] != [adds_bos(teacher_tok)]:
+            raise DistilError(f"{where}: the teacher ({t}) needs BOS at position 0 (its tokenizer adds "
+                              f"{teacher_tok.bos_token!r}) but its chat template renders none, so it would be asked "
+                              f"every prompt without it; expected a template that writes BOS, or "
+                              f"data.chat_template: false (plain text gets the tokenizer's BOS)")
     chat = chat and has_template(student_tok)
     if chat:
         specials = set(_template_specials(student_tok.chat_template, teacher_tok))

@@ -148,14 +148,23 @@ def run_phase(phase: Phase, ctx: Context, resume: str | None, acc: Any) -> Any:
 def pair_vocabulary(method: Any, recipe: Recipe, teacher: Loaded | None, student: Loaded) -> tuple[int, bool]:
     """(the vocabulary size the losses use, whether teacher and student share one vocabulary). A method that
     compares token distributions across two vocabularies is refused in one line naming both tokenizers and the
-    methods that do work across them."""
+    methods that do work across them. One vocabulary means one token-to-id map: embedding matrices padded beyond it
+    (151,936 vs 152,064 rows in one family) are the same vocabulary, their logits sliced to the tokenizer's length.
+    The teacher then reads the student's token ids, so both must add the same BOS (compat.check_bos: a Gemma
+    teacher would read every example without the BOS it needs)."""
     if teacher is None:
         return len(student.tokenizer), True
     tt, ts = teacher.tokenizer, student.tokenizer
     if tt is ts or tt.get_vocab() == ts.get_vocab():
+        if tt is not ts:
+            from distil.compat import check_bos
+
+            check_bos(tt, ts)
         return check_same_vocab(teacher, student), True
     if method.tokenizer_use(recipe) == "same":
-        across = ", ".join(f"{m.name} ({'without token-level KD' if callable(m.tokenizers) else 'text only'})"
+        # a method whose options decide says which ones in its function's docstring
+        across = ", ".join(m.name + (f" ({(m.tokenizers.__doc__ or 'without token-level KD').strip()})"
+                                     if callable(m.tokenizers) else "")
                            for m in METHODS.values() if m.tokenizers != "same") or "none"
         raise DistilError(f"teacher tokenizer {tokenizer_name(tt)!r} ({len(tt)} tokens) and student tokenizer "
                           f"{tokenizer_name(ts)!r} ({len(ts)} tokens) differ: method {method.name!r} compares token "

@@ -15,9 +15,9 @@ from distil.methods.crosstok import (CrossTokSpec, build_crosstok, gold_distance
 from distil.testing import SPECIALS, char_tokenizer, save_tiny_model
 
 
-def word_tokenizer(pieces: list[str], bos: bool = False):
+def word_tokenizer(pieces: list[str], bos: bool = False, template: bool = True):
     """A tokenizer whose pieces are the given strings (longest first wins) plus every printable character; with
-    `bos`, it adds BOS to every text as Gemma's does."""
+    `bos`, it adds BOS to every text as Gemma's does; `template`: the ChatML chat template (none: a base model's)."""
     import string
 
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -37,7 +37,7 @@ def word_tokenizer(pieces: list[str], bos: bool = False):
                                   unk_token="<unk>", additional_special_tokens=SPECIALS[4:])
     from distil.testing import CHATML
 
-    tok.chat_template = CHATML
+    tok.chat_template = CHATML if template else None
     return tok
 
 

@@ -237,7 +237,15 @@ def prepare(ctx: Context) -> Corpus:
         raise DistilError(f"data.source: method 'cot' verifies the teacher's answers against the references' "
                           f"answers ('#### 42', 'The answer is 42'), found no number in any reference of "
                           f"{ctx.recipe.data.source}")
-    end = _turn_end(ctx)
+    # one vocabulary: the teacher is handed the prompts as the student's ids (data.py's rendering); across
+    # tokenizers it is asked each question as text, through its own tokenizer, template and BOS
+    shared = ctx.teacher().tokenizer.get_vocab() == tok.get_vocab()
+    questions = [ctx.train_examples[i].get("question") or "" for i in keep]
+    if not shared and not all(questions):
+        raise DistilError(f"data.source: cot across tokenizers asks the teacher each question as text; expected "
+                          f"prompt/response or messages records in {ctx.recipe.data.source}, found examples "
+                          f"without one")
+    end = _turn_end(ctx, shared)
     params = GenParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
                        top_k=spec.top_k, n=spec.n, seed=spec.seed).check()
     out = corpus_path(ctx.recipe)
@@ -253,7 +261,7 @@ def prepare(ctx: Context) -> Corpus:
             model, ttok = load_for_backend({"source": t.source, "tokenizer": t.tokenizer}, "llamacpp")
         else:
             model, ttok = ctx.teacher().model, ctx.teacher().tokenizer
-        result = generate(model, ttok, prompts, params, out=out, batch_size=spec.batch_size,
+        result = generate(model, ttok, prompts if shared else questions, params, out=out, batch_size=spec.batch_size,
                           model_name=ctx.recipe.teacher.source)
         ctx.echo(f"cot: {len(result.records)} teacher samples in {out} ({result.kept} kept from an earlier run, "
                  f"{result.generated} generated)")
@@ -280,12 +288,13 @@ def prepare(ctx: Context) -> Corpus:
     return Corpus(examples=examples, selection=selection, path=out)
 
 
-def _turn_end(ctx: Context) -> list[int]:
-    """What every learned trace ends with: the student's turn end, after the compatibility pre-flight."""
+def _turn_end(ctx: Context, shared: bool = True) -> list[int]:
+    """What every learned trace ends with: the student's turn end, after the compatibility pre-flight (`shared`:
+    the teacher is handed the student's token ids)."""
     from distil.compat import check_teacher_data
 
     return check_teacher_data(ctx.teacher().tokenizer, ctx.student.tokenizer, student_model=ctx.student.model,
-                              chat=ctx.recipe.data.chat_template, where="cot")
+                              chat=ctx.recipe.data.chat_template, where="cot", ids_cross=shared)
 
 
 def check(recipe: Any, where: str) -> None:
@@ -325,11 +334,17 @@ def stage(ctx: Context) -> Stage:
                                examples=corpus.examples)])
 
 
+def _tokenizers(recipe: Any) -> str:
+    """without token_kd"""
+    return "same" if recipe.cot.token_kd else "any"  # the teacher's traces, as text, cross tokenizers
+
+
 METHOD = Method(
     name="cot",
     summary="CoT distillation: the teacher writes rationale + answer, n samples per question, those whose answer "
             "verifies are learned (rejection sampling; cot.step_by_step: rationale and answer as two tasks)",
     teacher=lambda recipe: "train" if recipe.cot.token_kd else "prepare",
+    tokenizers=_tokenizers,
     prepare=prepare,
     build=stage,
     options=CoTSpec,

@@ -30,6 +30,18 @@ Losses (`onpolicy.loss`):
     token (tests/test_onpolicy.py checks both). The ratio corrects for a sampling policy q != p_S (another sampling
     temperature, top-p/top-k, or stale samples); it needs only the teacher's log-prob of each sampled token.
 
+Across tokenizers (`sampled_reverse_kl` only: it needs the teacher's log-prob of each sampled token, not its
+distribution over the student's vocabulary) the teacher scores the student's text by re-tokenizing it. Each row
+(prompt + the student's completion) is decoded (special tokens dropped), the teacher's tokenizer encodes that text
+with its own BOS, and the two tokenizations are aligned by character offsets (distil/alignment.py: groups of student
+and teacher tokens covering the same characters). The approximation: log p_T of a group's characters is the sum of
+the teacher's log-probs of its own tokens of them (its canonical tokenization only, not every tokenization of those
+characters), and a group of k student tokens shares the group's log-ratio evenly,
+    log p_T(x_t) := log p_S(x_t) + (log p_T(group) - log p_S(group)) / k,
+so the advantages of a group's tokens sum to its exact log-ratio; a one-token group (most, for two English
+tokenizers) is exact. The student's EOS is scored as the teacher's probability of stopping at the end of the text
+(its EOS ids together); any other token without text (a chat marker) or after the last common cut gets advantage 0.
+
 Generation: in `before_step`, all micro-batches of one optimizer step are generated in ONE batch (a generation
 buffer spanning the accumulation steps) by `model.generate` with the KV cache, through the transformers backend's
 per-row sampler (distil/generation/hf.py: `RowSampler`, each row's own seed): a row's sample depends on its seed
@@ -297,15 +309,16 @@ def _discounted(a: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Ten
     return out
 
 
-def sampled_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+def sampled_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                        logq: torch.Tensor, *, clip: float = 0.2, discount: float = 0.0,
-                       num_items: float | None = None) -> LossOutput:
+                       num_items: float | None = None, teacher_logp: torch.Tensor | None = None) -> LossOutput:
     """The sampled-token estimator of KL(p_S || p_T) (module docstring), aligned logits [B, S, V], labels [B, S]
     (the sampled tokens; -100 masked), logq [B, S] (their log-probs under the sampling policy).
 
     Metrics (each a sum over tokens / num_items): kl (the mean of log p_S(x) - log p_T(x), an unbiased per-token
     reverse-KL estimate on fresh samples), entropy (of p_S, full vocabulary), ratio (mean importance ratio) and
-    clipped (the fraction of tokens whose ratio left [1 - clip, 1 + clip])."""
+    clipped (the fraction of tokens whose ratio left [1 - clip, 1 + clip]). `teacher_logp` [B, S] instead of
+    teacher_logits: the teacher's log-prob of each sampled token, computed elsewhere (across tokenizers)."""
     valid = labels != IGNORE
     n = int(valid.sum())
     denom = denominator(num_items, n)
@@ -314,7 +327,10 @@ def sampled_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     ls = F.log_softmax(student_logits[valid].to(dtype), dim=-1)  # [n, V]
     lp_s = ls.gather(-1, y[:, None])[:, 0]
     with torch.no_grad():
-        lp_t = F.log_softmax(teacher_logits[valid].to(dtype), dim=-1).gather(-1, y[:, None])[:, 0]
+        if teacher_logp is not None:
+            lp_t = teacher_logp[valid].to(dtype)
+        else:
+            lp_t = F.log_softmax(teacher_logits[valid].to(dtype), dim=-1).gather(-1, y[:, None])[:, 0]
         log_ratio = lp_s.detach() - lp_t  # log p_S(x) - log p_T(x)
         a = torch.zeros(labels.shape, dtype=dtype, device=labels.device)
         a[valid] = -log_ratio
@@ -330,11 +346,85 @@ def sampled_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return LossOutput(loss=loss, metrics=metrics, n_tokens=n)
 
 
+def cross_teacher_logp(batch: dict, student_lp: torch.Tensor, student_tok: Any, teacher: Any, teacher_tok: Any,
+                       teacher_stops: list[int]) -> torch.Tensor:
+    """log p_T of every sampled student token [B, S-1] (shifted like the labels), the student's text re-tokenized
+    by the teacher (module docstring: groups aligned by characters, a group's log-ratio shared evenly by its
+    student tokens, the EOS as the teacher's stop probability). `student_lp`: the student's own log-probs of the
+    same tokens (detached); entries the teacher cannot score keep them (advantage 0)."""
+    from distil.alignment import ZERO, align, decoded_ends, offset_ends
+    from distil.methods.crosstok import teacher_logits_at, teacher_tokens
+
+    out = student_lp.detach().clone()
+    labels = batch["labels"]
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    limit = getattr(teacher.config, "max_position_embeddings", None)
+    rows_ids, plans = [], []
+    for r, n in enumerate(lengths):
+        ids, lab = batch["input_ids"][r, :n].tolist(), labels[r, :n].tolist()
+        text, s_ends = decoded_ends(student_tok, ids)
+        t_ids, offsets = teacher_tokens(text, teacher_tok, limit)
+        rows_ids.append(t_ids)
+        groups = [g for g in align(s_ends, offset_ends(offsets)) if g.b[0] >= 1
+                  and any(lab[p] != IGNORE for p in range(*g.a))]
+        stop = [p for p in range(1, n) if lab[p] != IGNORE and s_ends[p] == ZERO and p == n - 1]
+        plans.append((groups, stop, lab))
+    width = max(1, max(map(len, rows_ids)))
+    pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else 0
+    t_ids = torch.full((len(rows_ids), width), pad, dtype=torch.long)
+    t_mask = torch.zeros_like(t_ids)
+    for r, ids in enumerate(rows_ids):
+        t_ids[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        t_mask[r, :len(ids)] = 1
+    rows, pos = [], []  # teacher positions whose next-token log-probs are needed
+    for r, (groups, stop, _) in enumerate(plans):
+        for g in groups:
+            for j in range(*g.b):
+                rows.append(r), pos.append(j - 1)
+        if stop:
+            rows.append(r), pos.append(len(rows_ids[r]) - 1)
+    if not rows:
+        return out
+    z = teacher_logits_at(teacher, t_ids, t_mask, torch.tensor(rows), torch.tensor(pos), len(teacher_tok))
+    logp = F.log_softmax(z.double(), -1)
+    at = {(r, p): i for i, (r, p) in enumerate(zip(rows, pos))}
+    for r, (groups, stop, lab) in enumerate(plans):
+        for g in groups:
+            lp_t = sum(float(logp[at[(r, j - 1)], rows_ids[r][j]]) for j in range(*g.b))
+            targets = [p for p in range(*g.a) if lab[p] != IGNORE and p >= 1]
+            if not targets:
+                continue
+            lp_s = sum(float(out[r, p - 1]) for p in targets)
+            share = (lp_t - lp_s) / len(targets)  # the group's log-ratio, shared evenly by its tokens
+            for p in targets:
+                out[r, p - 1] = out[r, p - 1] + share
+        for p in stop:  # the student's EOS: the teacher's probability of stopping here (any of its stop ids)
+            i = at[(r, len(rows_ids[r]) - 1)]
+            out[r, p - 1] = float(torch.logsumexp(logp[i, teacher_stops], 0)) if teacher_stops else out[r, p - 1]
+    return out
+
+
 def build_onpolicy_loss(teacher: Any, spec: OnPolicySpec, distill: Any, vocab: int,
-                        echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Callable:
+                        echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                        across: tuple[Any, Any] | None = None) -> Callable:
     """The phase's loss: `offline`'s loss function (any divergence) or the sampled-token estimator, plus the
-    sequence metrics (length, truncated, student_samples) of the rows."""
-    if spec.loss == ESTIMATOR:
+    sequence metrics (length, truncated, student_samples) of the rows. `across` = (student tokenizer, teacher
+    tokenizer) when they differ: the estimator's teacher log-probs come from re-tokenizing (module docstring)."""
+    if spec.loss == ESTIMATOR and across is not None:
+        from distil.compat import stop_ids
+
+        student_tok, teacher_tok = across
+        stops = [i for i in stop_ids(teacher_tok, teacher) if i < len(teacher_tok)]
+
+        def core(student: Any, batch: dict, num_items: float) -> LossOutput:
+            s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            s, labels = shift(s_logits, batch["labels"], vocab)
+            with torch.no_grad():
+                lp_s = F.log_softmax(s.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+            lp_t = cross_teacher_logp(batch, lp_s, student_tok, teacher, teacher_tok, stops)
+            return sampled_reverse_kl(s, None, labels, batch["logq"][:, 1:], clip=spec.clip, discount=spec.discount,
+                                      num_items=num_items, teacher_logp=lp_t)
+    elif spec.loss == ESTIMATOR:
         def core(student: Any, batch: dict, num_items: float) -> LossOutput:
             with torch.no_grad():
                 t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -385,8 +475,11 @@ def prepare(ctx: Context) -> list[int] | None:
         raise DistilError(f"data.source: method 'onpolicy' needs prompts (prompt/response or messages records: the "
                           f"student answers the prompts), found {ctx.recipe.data.source} with "
                           f"{sum(map(bool, prompts))} of {len(prompts)} examples having one")
+    # one vocabulary: the teacher scores the student's own ids (one BOS convention); across tokenizers it scores the
+    # student's text re-tokenized (the estimator only: the method's `tokenizers`)
+    shared = ctx.teacher().tokenizer.get_vocab() == ctx.student.tokenizer.get_vocab()
     check_teacher_data(ctx.teacher().tokenizer, ctx.student.tokenizer, student_model=ctx.student.model,
-                       chat=ctx.recipe.data.chat_template, where="onpolicy")
+                       chat=ctx.recipe.data.chat_template, where="onpolicy", ids_cross=shared)
     longest = max(map(len, prompts))
     for role, model in (("student", ctx.student.model), ("teacher", ctx.teacher().model)):
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -414,11 +507,18 @@ def check(recipe: Any, where: str) -> None:
 
 def stage(ctx: Context) -> Stage:
     spec, teacher = ctx.recipe.onpolicy, ctx.teacher().model
-    loss_fn = build_onpolicy_loss(teacher, spec, ctx.recipe.distill, ctx.vocab, echo=ctx.echo)
+    t_tok, s_tok = ctx.teacher().tokenizer, ctx.student.tokenizer
+    across = None if t_tok is s_tok or t_tok.get_vocab() == s_tok.get_vocab() else (s_tok, t_tok)
+    loss_fn = build_onpolicy_loss(teacher, spec, ctx.recipe.distill, ctx.vocab, echo=ctx.echo, across=across)
     eos = ctx.artifact if ctx.artifact is not None else []
     before = make_before_step(spec, teacher, eos, ctx.pad_id, ctx.echo, ctx.main)
     return Stage(phases=[Phase(name="onpolicy", module=Trainable(ctx.student.model), loss_fn=loss_fn,
                                examples=ctx.train_examples, before_step=before)])
+
+
+def _tokenizers(recipe: Any) -> str:
+    """with onpolicy.loss: sampled_reverse_kl"""
+    return "any" if recipe.onpolicy.loss == ESTIMATOR else "same"  # the estimator re-tokenizes the student's text
 
 
 METHOD = Method(
@@ -426,6 +526,7 @@ METHOD = Method(
     summary="on-policy distillation / GKD: with probability onpolicy.lmbda the student writes the completions, "
             "the teacher scores every token (any divergence, or the sampled-token estimator)",
     teacher="train",
+    tokenizers=_tokenizers,
     prepare=prepare,
     build=stage,
     options=OnPolicySpec,

@@ -434,11 +434,20 @@ def prepare(ctx: Context) -> dict:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DistilError(f"{base}: synthetic.dir: cannot create the directory ({exc.strerror or exc})") from None
-    # the pre-flight: one vocabulary, a chat format the student has, a student that stops where answers end
+    # the pre-flight: a chat format the student has, a student that stops where answers end, and with one vocabulary
+    # (the teacher is then handed the held-out prompts as the student's ids) one BOS convention; across tokenizers
+    # every prompt reaches the teacher as text, through its own tokenizer, template and BOS
+    shared = ctx.teacher().tokenizer.get_vocab() == tok.get_vocab()
     end = check_teacher_data(ctx.teacher().tokenizer, tok, student_model=ctx.student.model,
-                             chat=recipe.data.chat_template, where="synthetic")
+                             chat=recipe.data.chat_template, where="synthetic", ids_cross=shared)
     bos = tok.bos_token_id
-    held = [p for p in (prompt_ids(e, bos) for e in ctx.eval_examples) if p]
+    held_ex = [(p, e) for p, e in ((prompt_ids(e, bos), e) for e in ctx.eval_examples) if p]
+    held = [p for p, _ in held_ex]
+    if not shared and any(not e.get("question") for _, e in held_ex):
+        raise DistilError(f"data.source: synthetic across tokenizers asks the teacher the held-out prompts as text; "
+                          f"expected prompt/response or messages records in {recipe.data.source}, found held-out "
+                          f"examples without one")
+    held_asked = held if shared else [e["question"] for _, e in held_ex]
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     references = [decode(e["input_ids"]) for e in ctx.eval_examples]  # held-out prompts + references
     held_words = [F.words(decode(p)) for p in held]
@@ -476,7 +485,7 @@ def prepare(ctx: Context) -> dict:
     # the held-out prompts: the teacher answers them too; their answers are the eval's targets and decontaminate
     held_path = base / "heldout.jsonl"
     if held and ctx.main:
-        teacher.generate(held, answer_params, held_path, "answers to held-out prompts")
+        teacher.generate(held_asked, answer_params, held_path, "answers to held-out prompts")
     ctx.wait()
     held_records = _read_jsonl(held_path) if held else []
     references += [r["completion"] for r in held_records]
@@ -581,11 +590,17 @@ def stage(ctx: Context) -> Stage:
                                examples=ctx.artifact["train"])], eval_examples=ctx.artifact["eval"])
 
 
+def _tokenizers(recipe: Any) -> str:
+    """without token_kd"""
+    return "same" if recipe.synthetic.token_kd else "any"  # the teacher's text alone crosses tokenizers
+
+
 METHOD = Method(
     name="synthetic",
     summary="synthetic-data distillation: the teacher writes a corpus from seed prompts or topics (self-instruct), "
             "filtered (duplicates, length, degenerate, repetition, verifier, decontamination) and learned",
     teacher=lambda recipe: "train" if recipe.synthetic.token_kd else "prepare",
+    tokenizers=_tokenizers,
     prepare=prepare,
     build=stage,
     options=SyntheticSpec,
