@@ -72,11 +72,22 @@ def test_features_section_is_validated_and_explained():
     assert ok.features.layer_map == [3, None]
 
 
+def test_a_bad_layer_map_is_one_line_and_exit_2_at_validation(make_recipe, capsys):
+    from distil.cli import main
+
+    path = make_recipe(distill={"method": "features"}, features={"layer_map": [0, 1, 2]})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "features.layer_map: 3 entries, but the student has 2 layers" in err
+    assert main(["run", str(path)]) == 2
+    assert not (path.parent / "runs").exists()  # refused before anything is written
+
+
 # ------------------------------------------------------------------------------------------------ the loss
 
 
-@pytest.mark.parametrize("attention,heads", [("mean", None), ("mapped", [1, 0, 3, 2])])
-def test_first_step_matches_the_formula(tiny_teacher, tmp_path, attention, heads):
+@pytest.mark.parametrize("attention,heads,fused", [("mean", None, True), ("mapped", [1, 0, 3, 2], False)])
+def test_first_step_matches_the_formula(tiny_teacher, tmp_path, attention, heads, fused):
     """Step 1's feature and attention columns = the formula on the initial models' hidden states / attention
     probabilities (float64, from output_hidden_states / output_attentions, not the hooks), and its kd column =
     method offline's on the same batch."""
@@ -84,6 +95,7 @@ def test_first_step_matches_the_formula(tiny_teacher, tmp_path, attention, heads
     from distil.models import load_model, student_from_teacher
 
     recipe = _recipe(tiny_teacher, tmp_path, student={"layers": [0, 2, 3]}, train={"steps": 1},
+                     distill={"method": "features", "fused": fused},
                      features={"layer_map": [1, 2, None], "attention": attention, "attention_heads": heads,
                                "attention_weight": 0.5})
     res = pipeline.run(recipe, echo=_quiet)
