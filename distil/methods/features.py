@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from distil.errors import DistilError
-from distil.features import FeatureMatcher, FeaturePair, attention_map_loss, capture
+from distil.features import FeatureMatcher, FeaturePair, attention_map_loss, capture, resolve
 from distil.fused import fused_distillation_loss, teacher_from_hidden
 from distil.heads import choose_fused, head_weights, shift
 from distil.losses import LossOutput, distillation_loss
@@ -167,6 +167,9 @@ def stage(ctx: Context) -> Stage:
             raise DistilError(f"features.attention_heads: expected {n_s} teacher head indices in 0..{n_t - 1}, "
                               f"found {heads}")
 
+    for model, paths in ((student, s_attn), (teacher, t_attn)):  # a model without `self_attn`: refused here
+        for path in paths:
+            resolve(model, path)
     restore = {}
     if s_attn:  # attention probabilities exist only in the eager implementation
         for who, model in (("student", student), ("teacher", teacher)):
