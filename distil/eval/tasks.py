@@ -29,12 +29,13 @@ operand adds a line to the rationale, and `*` of two k-digit numbers gives up to
 
 Calibration (the issue asks that a student trained on gold answers only stay clearly below a teacher trained on
 gold CoT). Task `sum3`, `recipes/arithmetic_teacher.yaml`: a 2-layer, hidden-64 Llama from scratch (122k params,
-character tokenizer), hard labels on the gold CoT of `builtin:sum3` (3,800 train-side questions), 6,000 steps of
-batch 64, lr 3e-3 (~7 min at the 14 steps/s one core gave over 200 steps; 35 min on the shared machine under
-load). Greedy accuracy on 500
-eval questions: the teacher 49.6% (pass@8 62.8%); the same model trained the same way on gold answers only
-(`builtin:sum3_answers`) 1.2% (pass@8 12.0%). A smaller student (2 layers, hidden 48) on gold CoT reaches 14.6%
-after 2,500 steps: the CoT jump comes after ~1,500-2,000 steps, so short student budgets show little.
+character tokenizer that starts every text with BOS), hard labels on `builtin:sum3_text` (3,800 train-side
+questions with their gold CoT as whole texts, so it also learns to write questions), 6,000 steps of batch 64, lr
+3e-3 (19 min on the shared machine at load ~7). Greedy accuracy on 200 eval questions: 74.5% (pass@8 83.5%; it
+writes a well-formed sum3 question in 199 of 200 samples from BOS at T = 1). The first version of this teacher
+(prompt tokens masked, no BOS) reached 49.6% on 500 questions, and the same model trained the same way on gold
+answers only (`builtin:sum3_answers`) 1.2% (pass@8 12.0%). A smaller student (2 layers, hidden 48) on gold CoT
+reached 14.6% after 2,500 steps: the CoT jump comes after ~1,500-2,000 steps, so short student budgets show little.
 Earlier measurement (../shared/reference/environment-facts.md, a standalone loop, three integers in 10-999): 2-4
 layer tiny Llamas reach 95-99% with gold CoT in 8 CPU minutes on some seeds and stay <= 1.8% on answers only.
 
