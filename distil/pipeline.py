@@ -30,6 +30,7 @@ from distil.methods.hard_labels import build_hard_labels
 from distil.models import (Loaded, check_same_vocab, count_params, load_student, tokenizer_name,  # noqa: F401
                            load_teacher, save_student)
 from distil.recipe import Recipe, dump_recipe, recipe_to_dict
+from distil.report_html import write_page
 from distil.atomic import write_atomic
 from distil.checkpoint import list_checkpoints, resolve_resume
 from distil.trainer import make_accelerator, train
@@ -272,9 +273,10 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
             for block in (format_answers(generation), format_task(generation)):
                 if block:
                     echo(block)
-        write_report(run_dir, recipe, results, params, table, generation)
+        write_report(run_dir, recipe, results, params, table, generation, page=False)
     if recipe.export.enabled:
         export_student(recipe, run_dir, student_dir, echo, generation)
+    write_page(run_dir)  # report.html: curves, eval, export; after the export, so it can show it
     return RunResult(run_dir=run_dir, eval=results, student_dir=student_dir, table=table)
 
 
@@ -321,8 +323,9 @@ def export_student(recipe: Recipe, run_dir: Path, student_dir: Path | None, echo
 
 
 def write_report(run_dir: Path, recipe: Recipe, results: dict, params: dict, table: str,
-                 generation: dict | None = None) -> None:
-    """eval.json (the numbers; with eval.answers/eval.task also the answers and the task metrics) and report.md."""
+                 generation: dict | None = None, page: bool = True) -> None:
+    """eval.json (the numbers; with eval.answers/eval.task also the answers and the task metrics), report.md and
+    (`page`) report.html (distil/report_html.py)."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     record = {"results": results, "params": params, "date": stamp}
     generation = {k: v for k, v in (generation or {}).items() if k != "prompt_ids"}
@@ -334,3 +337,5 @@ def write_report(run_dir: Path, recipe: Recipe, results: dict, params: dict, tab
                  f"# {recipe.name}\n\n{stamp}. Method `{recipe.distill.method}`, loss `{recipe.distill.loss}`, "
                  f"{recipe.train.steps} steps.\n\n```\n{table}\n```\n"
                  + "".join(f"\n```\n{b}\n```\n" for b in blocks))
+    if page:
+        write_page(run_dir)

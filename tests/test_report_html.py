@@ -1,0 +1,95 @@
+"""report.html: every run writes one self-contained page (curves, eval table, pass@k and diversity, export);
+what a run directory lacks is said on the page; in headless Chromium it renders (skipped without chromium)."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from distil.cli import main
+from distil.report_html import write_page
+
+IMG = re.compile(r'<img alt="plot" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
+
+
+def _images(page):
+    import matplotlib.image
+
+    found = IMG.findall(page)
+    for b64 in found:
+        raw = base64.b64decode(b64, validate=True)
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(io.BytesIO(raw), format="png").std() > 0  # decodes and is not blank
+    return len(found)
+
+
+def _offline(page):
+    # nothing fetched from elsewhere: no script, no external src/href, no @import
+    assert "<script" not in page and "@import" not in page
+    assert not re.search(r'(src|href)="(?!data:)', page)
+
+
+def test_a_run_writes_the_page_with_every_section(make_recipe):
+    path = make_recipe(eval={"enabled": True, "hard_label_baseline": True, "task": "sum3", "task_size": 2,
+                             "samples": 3, "max_new_tokens": 4, "diversity_warn": 1.0})
+    assert main(["run", str(path)]) == 0
+    run = path.parent / "runs" / "t"
+    page = (run / "report.html").read_text()
+    _offline(page)
+    for heading in ("<h1>t</h1>", "<h2>Training</h2>", "<h3>main phase", "<h3>hard_labels", "<h2>Evaluation</h2>",
+                    "<h3>Task sum3 (2 eval questions, 3 sample(s) each)</h3>"):
+        assert heading in page, heading
+    # 2 training figures (offline, hard_labels) + the pass@k / diversity figure
+    assert _images(page) == 3
+    record = json.loads((run / "eval.json").read_text())
+    for row, m in record["results"].items():
+        assert f"<td>{row}</td>" in page and f"<td>{m['ppl']:.4g}</td>" in page
+    for w in record["generation"]["task"]["warnings"]:
+        assert w.replace("'", "&#x27;") in page
+
+
+def test_a_run_directory_without_metrics_or_eval_says_so(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("name: x\nexport: {enabled: true}\n")
+    page = write_page(tmp_path).read_text()
+    assert "No metrics.jsonl in this run directory" in page and "No eval.json in this run directory" in page
+    assert "no GGUF file was found" in page and _images(page) == 0
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "kd": 2.0, "lr": 0.1, "grad_norm": 1.5}\n'
+                                            "not json\n"
+                                            '{"step": 2, "loss": 1.5, "kd": 1.5, "lr": 0.05, "grad_norm": null}\n')
+    (tmp_path / "eval.json").write_text("[1, 2]")  # not a record
+    page = write_page(tmp_path).read_text()
+    assert "1 line(s) of metrics.jsonl are not metric rows" in page and _images(page) == 1
+    assert "No eval.json" in page
+    (tmp_path / "bare").mkdir()
+    assert "No readable recipe.yaml" in write_page(tmp_path / "bare").read_text()
+
+
+def test_export_section_lists_the_gguf(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("name: x\nexport: {enabled: true, quant: Q4_K_M, prompt: hi}\n")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "x-Q4_K_M.gguf").write_bytes(b"\0" * 2_500_000)
+    (tmp_path / "export" / "Modelfile").write_text("FROM ./x-Q4_K_M.gguf\n")
+    page = write_page(tmp_path).read_text()
+    assert "<td>x-Q4_K_M.gguf</td><td>Q4_K_M</td><td>2.5</td>" in page and "FROM ./x-Q4_K_M.gguf" in page
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="Debian's chromium is not installed (apt-get install chromium): no headless rendering")
+def test_headless_chromium_renders_it(make_recipe, tmp_path):
+    path = make_recipe(eval={"enabled": True})
+    assert main(["run", str(path)]) == 0
+    page = path.parent / "runs" / "t" / "report.html"
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--enable-logging=stderr", "--v=0", "--window-size=1200,1600",
+                           f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), proc.stderr[-2000:]
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(shot))
+    assert pixels.std() > 0.01  # not blank
+    assert "CONSOLE" not in proc.stderr or "Uncaught" not in proc.stderr  # no console errors
