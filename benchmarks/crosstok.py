@@ -1,12 +1,15 @@
 """Distillation across tokenizers: Gemma-3-270M (262k-token SentencePiece vocabulary, BOS) teaching a depth-pruned
 SmolLM2 student (49k-token byte-level BPE, no BOS), four ways at the same budget.
 
-    nice -n 10 python benchmarks/crosstok.py            # the table of the README (budgets below, ~20 min here)
+    nice -n 10 python benchmarks/crosstok.py            # the table of the README (~20 min on 2 busy cores)
     python benchmarks/crosstok.py --quick --teacher DIR --student DIR --layers 0,1   # a smoke run on tiny models
 
 Every row trains the same initial student (recipes/crosstok_gemma_to_smollm.yaml: SmolLM2-135M-Instruct cut to 10
 of its 30 layers) through distil's own pipeline, on the same training records (`builtin:python_qa` as plain text,
-`data.chat_template: false`: Gemma-3-270M is a base model), with the same steps x batch x sequence length:
+`data.chat_template: false`: Gemma-3-270M is a base model), with the same steps x batch x sequence length
+(defaults: 20 steps x 2 sequences of <= 64 student tokens, 56 training records, 16 held-out records, teacher
+answers and continuations of 32 tokens; sized to run in ~20 min on 2 busy CPU cores, so a short recovery run of a
+student cut from 30 to 10 layers, not a converged one):
 
   hard labels    cross-entropy on the references (no teacher)
   SeqKD          the teacher's greedy answers to the training prompts replace the references (asked as text, with
@@ -125,10 +128,10 @@ def score(model, tok, held: list[dict], continuations: list[str]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--records", type=int, default=112, help="records read (train + held out)")
+    ap.add_argument("--records", type=int, default=72, help="records read (train + held out)")
     ap.add_argument("--prompts", type=int, default=16, help="held-out records (ppl, and the prompts of agree)")
     ap.add_argument("--new-tokens", type=int, default=32, help="teacher tokens per answer (SeqKD) / continuation")
     ap.add_argument("--threads", type=int, default=2)

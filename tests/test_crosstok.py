@@ -281,3 +281,26 @@ def test_crosstok_runs_end_to_end_across_two_tokenizers(tmp_path, pair, loss):
     assert ("matched" in steps[0]) == (loss == "gold")
     record = json.loads((tmp_path / "runs" / "x" / "eval.json").read_text())
     assert all("kl" not in row for row in record["results"].values())  # no KL across vocabularies
+
+
+@pytest.mark.slow
+def test_alignment_of_gemma3_and_smollm2_tokenizers_on_multibyte_text():
+    """The real pair (tokenizers only): byte-level pieces of one character join the next token, Gemma's BOS is in
+    no group, and every group is the same characters for both."""
+    from distil.models import embedded_path, load_tokenizer
+
+    g = load_tokenizer(embedded_path("gemma-3-270m"))
+    s = load_tokenizer(embedded_path("smollm2-135m-instruct"))
+    text = "H\u00e9llo  w\u00f6rld \u2014 \u65e5\u672c\u8a9e def f(x):\n    return x+1  # ok"
+    ids = s(text)["input_ids"]
+    decoded, s_ends = decoded_ends(s, ids)
+    assert decoded == text and None in s_ends  # the UTF-8 bytes of a CJK character come in several pieces
+    enc = g(text, return_offsets_mapping=True)
+    assert enc["input_ids"][0] == g.bos_token_id
+    t_ends = offset_ends(enc["offset_mapping"])
+    groups = align(s_ends, t_ends)
+    spans = [text[a:b] for a, b in (gr.chars for gr in groups)]
+    assert "".join(spans) == text  # the groups tile the text
+    assert "\n    return" in spans and " \u65e5\u672c" in spans  # where the two tokenizers cut differently
+    for gr in groups:
+        assert g.decode(enc["input_ids"][gr.b[0]:gr.b[1]]) == s.decode(ids[gr.a[0]:gr.a[1]]) == text[slice(*gr.chars)]
