@@ -180,7 +180,7 @@ def export_section(run_dir: Path, recipe: dict) -> str:
                         'its export?).</p>'
     out.append(_table(["file", "quant", "size (MB)"], [[p.name, spec.get("quant", ""), p.stat().st_size / 1e6]
                                                        for p in ggufs]))
-    modelfile = ggufs[0].parent / "Modelfile"
+    modelfile = ggufs[0].with_suffix(".Modelfile")  # export_gguf writes <name>-<quant>.Modelfile beside the GGUF
     if modelfile.is_file():
         out.append(f"<p>Ollama: <code>ollama create {_e(recipe.get('name', 'NAME'))} -f {_e(modelfile)}</code></p>"
                    f"<pre>{_e(modelfile.read_text(encoding='utf-8', errors='replace')[:2000])}</pre>")

@@ -72,7 +72,7 @@ def test_export_section_lists_the_gguf(tmp_path):
     (tmp_path / "recipe.yaml").write_text("name: x\nexport: {enabled: true, quant: Q4_K_M, prompt: hi}\n")
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "x-Q4_K_M.gguf").write_bytes(b"\0" * 2_500_000)
-    (tmp_path / "export" / "Modelfile").write_text("FROM ./x-Q4_K_M.gguf\n")
+    (tmp_path / "export" / "x-Q4_K_M.Modelfile").write_text("FROM ./x-Q4_K_M.gguf\n")
     page = write_page(tmp_path).read_text()
     assert "<td>x-Q4_K_M.gguf</td><td>Q4_K_M</td><td>2.5</td>" in page and "FROM ./x-Q4_K_M.gguf" in page
 
