@@ -120,7 +120,8 @@ def eval_section(record: dict | None) -> str:
     results, params = record.get("results") or {}, record.get("params") or {}
     keys = list(dict.fromkeys(k for m in results.values() if isinstance(m, dict) for k in m))
     out.append(f"<p>{_e(record.get('date', ''))}</p>")
-    out.append(_table(["row", "params", *keys], [[n, params.get(n, ""), *(m.get(k, "") for k in keys)]
+    mparams = {n: f"{p / 1e6:.1f}M" if isinstance(p, (int, float)) else "" for n, p in params.items()}
+    out.append(_table(["row", "params", *keys], [[n, mparams.get(n, ""), *(m.get(k, "") for k in keys)]
                                                 for n, m in results.items() if isinstance(m, dict)]))
     gen = record.get("generation") or {}
     if gen.get("questions"):
