@@ -16,7 +16,9 @@ same way:
     llama.cpp's own logits (llama-cpp-python, `logits_all`), so "Q4_K_M" is what llama.cpp runs.
 Columns "GGUF MB" and "tok/s": the row's Q4_K_M file (sparsity and torch int4 make no GGUF smaller or faster, so
 those rows have none) and llama.cpp's generation speed on it: tokens/s of the decode after the prompt, one thread,
-greedy, `--gen-tokens` tokens, the best of two tries (the machine is shared: absolute numbers move with the load).
+greedy, `--gen-tokens` tokens (end of turn ignored), the best of two tries, measured alternately with the dense
+model's Q4_K_M ("x dense": the ratio of the two; the machine is shared and absolute speeds move several-fold with
+its load).
 """
 
 from __future__ import annotations
@@ -124,14 +126,34 @@ class CachedTeacher:
         return SimpleNamespace(logits=self.logits[input_ids.cpu().numpy().tobytes()])
 
 
-def speed(gguf: Path, tokens: int) -> float | None:
-    from distil.generate import llamacpp_answer
+def decode_speed(gguf: Path, tokens: int) -> float | None:
+    """llama.cpp's generation speed on the GGUF: `tokens` greedy tokens after PROMPT, end-of-turn ignored (a student
+    that stops early would otherwise time nothing), timed by llama.cpp's own decode counter, one thread."""
+    import llama_cpp
 
-    best = None
-    for _ in range(2):
-        tps = llamacpp_answer(gguf, PROMPT, tokens, n_threads=1).tokens_per_s
-        best = tps if best is None or (tps or 0) > best else best
-    return best
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False, seed=0)
+    try:
+        prompt = llm.tokenize(PROMPT.encode())
+        llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
+        for n, _ in enumerate(llm.generate(prompt, temp=0.0), start=1):
+            if n >= tokens:
+                break
+        perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
+        return 1000.0 * perf.n_eval / perf.t_eval_ms if perf.t_eval_ms > 0 and perf.n_eval else None
+    finally:
+        llm.close()
+
+
+def speed(gguf: Path, reference: Path, tokens: int, tries: int = 2) -> tuple[float | None, float | None]:
+    """(tokens/s of `gguf`, tokens/s of `reference`), measured alternately and the best of `tries` each: the load of
+    a shared machine moves absolute speeds several-fold within minutes, the ratio much less."""
+    best = [None, None]
+    for _ in range(tries):
+        for i, path in enumerate((gguf, reference)):
+            tps = decode_speed(path, tokens)
+            if tps is not None and (best[i] is None or tps > best[i]):
+                best[i] = tps
+    return best[0], best[1]
 
 
 def build_table(out: Path, steps: int, eval_size: int, gen_tokens: int, threads: int, rows: list[str]) -> dict:
@@ -167,6 +189,8 @@ def build_table(out: Path, steps: int, eval_size: int, gen_tokens: int, threads:
     table: dict[str, dict] = {}
     seconds: dict[str, float] = {}
 
+    dense_q4 = out / "dense" / "dense-Q4_K_M.gguf"  # written below, before any row with a GGUF is scored
+
     def score(name: str, model, params: int | None, gguf: Path | None = None, note: str = "") -> None:
         t0 = time.time()
         r = evaluate(cached, {name: model}, eval_ex, batch_size=8, pad_id=pad, vocab=len(tok))[name]
@@ -174,12 +198,15 @@ def build_table(out: Path, steps: int, eval_size: int, gen_tokens: int, threads:
         if gguf is not None and gguf.is_file():
             row["gguf"] = gguf.name
             row["gguf_mb"] = gguf.stat().st_size / 1e6
-            row["tokens_per_s"] = speed(gguf, gen_tokens)
+            row["tokens_per_s"], row["dense_tokens_per_s"] = speed(gguf, dense_q4, gen_tokens)
+            if row["tokens_per_s"] and row["dense_tokens_per_s"]:
+                row["speed_vs_dense"] = row["tokens_per_s"] / row["dense_tokens_per_s"]
         if note:
             row["note"] = note
         table[name] = row
         print(f"{name:<52} ppl {row['ppl']:>10.2f}  KL {row['kl']:.4f}  top-1 {row['top1']:.3f}"
-              + (f"  {row['gguf_mb']:.1f} MB {row['tokens_per_s'] or 0:.1f} tok/s" if "gguf_mb" in row else "")
+              + (f"  {row['gguf_mb']:.1f} MB {row['tokens_per_s'] or 0:.1f} tok/s "
+                 f"(dense Q4_K_M beside it {row['dense_tokens_per_s'] or 0:.1f})" if "gguf_mb" in row else "")
               + f"  ({time.time() - t0:.0f} s)", flush=True)
 
     def spec(**kw):
@@ -210,7 +237,8 @@ def build_table(out: Path, steps: int, eval_size: int, gen_tokens: int, threads:
 
     # the dense model, and what plain Q4_K_M makes of it (llama.cpp's logits)
     out.mkdir(parents=True, exist_ok=True)
-    dense_q4 = ship("dense", dense)
+    if ship("dense", dense) != dense_q4:
+        raise RuntimeError(f"the dense export is not at {dense_q4}")
     score("dense (the teacher, fp32)", dense, count_params(dense), dense_q4)
 
     # structured pruning: no training, then + KD (the same pruned model, recovered)
@@ -270,19 +298,20 @@ def build_table(out: Path, steps: int, eval_size: int, gen_tokens: int, threads:
 
 
 def show(rows: dict) -> str:
-    lines = [f"{'row':<58}{'params':>8}{'GGUF MB':>9}{'tok/s':>7}{'ppl':>10}{'KL':>8}{'top-1':>7}"]
+    lines = [f"{'row':<62}{'params':>8}{'GGUF MB':>9}{'tok/s':>7}{'x dense':>8}{'ppl':>10}{'KL':>8}{'top-1':>7}"]
     for name, r in rows.items():
         p = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "-"
         mb = f"{r['gguf_mb']:.1f}" if r.get("gguf_mb") else "-"
         tps = f"{r['tokens_per_s']:.1f}" if r.get("tokens_per_s") else "-"
-        lines.append(f"{name:<58}{p:>8}{mb:>9}{tps:>7}{r['ppl']:>10.2f}{r['kl']:>8.4f}{r['top1']:>7.3f}")
+        ratio = f"{r['speed_vs_dense']:.2f}" if r.get("speed_vs_dense") else "-"
+        lines.append(f"{name:<62}{p:>8}{mb:>9}{tps:>7}{ratio:>8}{r['ppl']:>10.2f}{r['kl']:>8.4f}{r['top1']:>7.3f}")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/compression_table", help="where the trained rows and GGUFs go")
-    ap.add_argument("--steps", type=int, default=4, help="recovery / QAT steps of every trained row")
+    ap.add_argument("--steps", type=int, default=8, help="recovery / QAT steps of every trained row")
     ap.add_argument("--eval-size", type=int, default=16, help="held-out examples (64 tokens each)")
     ap.add_argument("--gen-tokens", type=int, default=48, help="tokens generated for the tokens/s column")
     ap.add_argument("--rows", nargs="*", default=list(RUNS), help="trained rows (the others are skipped)")
