@@ -56,13 +56,13 @@ def test_top_k_order_and_ties():
 
 def test_inspect_positions_and_disagreement_by_hand():
     t = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 1.0], [1.0, 1.0, 1.0]])
-    s = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    s = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.5, 1.0], [1.0, 1.0, 1.0]])  # not a permutation: KL is not symmetric
     views = dg.inspect_positions([5, 6, 7], {"teacher": t, "student": s}, [1, 2], [1.0, 2.0], 2)
     v = views[0]
     assert (v.position, v.token, v.next_token) == (1, 6, 7) and views[1].next_token is None
     assert v.argmax_differs and not views[1].argmax_differs
     for temp in (1.0, 2.0):
-        pt, ps = _softmax([0.0, 2.0, 1.0], temp), _softmax([2.0, 0.0, 1.0], temp)
+        pt, ps = _softmax([0.0, 2.0, 1.0], temp), _softmax([2.0, 0.5, 1.0], temp)
         want = sum(a * math.log(a / b) for a, b in zip(pt, ps))
         assert v.kl[temp] == pytest.approx(want, rel=1e-12)
         st = v.models["teacher"][[1.0, 2.0].index(temp)]
