@@ -50,6 +50,9 @@ def test_a_run_writes_the_page_with_every_section(make_recipe):
         assert f"<td>{row}</td>" in page and f"<td>{m['ppl']:.4g}</td>" in page
     for w in record["generation"]["task"]["warnings"]:
         assert w.replace("'", "&#x27;") in page
+    (run / "report.html").unlink()  # `distil eval RUN_DIR` refreshes the record, and the page with it
+    assert main(["eval", str(run)]) == 0
+    assert "<h2>Evaluation</h2>" in (run / "report.html").read_text()
 
 
 def test_a_run_directory_without_metrics_or_eval_says_so(tmp_path):
