@@ -312,6 +312,50 @@ def test_sampled_token_estimator_end_to_end(tmp_path, tiny_teacher):
     assert rows[0]["ratio"] == pytest.approx(1.0, rel=1e-5)  # fresh samples, weights not yet updated
 
 
+@pytest.mark.parametrize("loss", ["reverse_kl", "sampled_reverse_kl"])
+def test_llamacpp_student_samples_match_transformers_on_fresh_snapshots(tmp_path, tiny_teacher, loss):
+    """student_backend llamacpp with a snapshot every step (F32): the samples are those transformers draws from the
+    same weights with the same seeds, so the run's losses are the hf run's; snapshot_age is logged."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the [llamacpp] extra)")
+    onpolicy = {"lmbda": 1.0, "loss": loss}
+    assert main(["run", str(_recipe(tmp_path, tiny_teacher, name="hf", onpolicy=onpolicy))]) == 0
+    path = _recipe(tmp_path, tiny_teacher, name="lc", onpolicy={**onpolicy, "student_backend": "llamacpp",
+                                                                 "snapshot_every": 1})
+    assert main(["run", str(path)]) == 0
+    hf, lc = _rows(tmp_path, "hf"), _rows(tmp_path, "lc")
+    assert [r["length"] for r in lc] == [r["length"] for r in hf]
+    assert [r["loss"] for r in lc] == pytest.approx([r["loss"] for r in hf], rel=1e-4, abs=1e-6)
+    assert [r["snapshot_age"] for r in lc] == [0.0, 0.0, 0.0]
+    assert len(list((tmp_path / "runs" / "lc" / "snapshots").glob("*.gguf"))) == 1  # the newest snapshot only
+
+
+def test_llamacpp_student_snapshots_are_stale_between_exports_and_resume_reuses_them(tmp_path, tiny_teacher,
+                                                                                      monkeypatch):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the [llamacpp] extra)")
+    import distil.trainer
+
+    onpolicy = {"lmbda": 1.0, "loss": "sampled_reverse_kl", "student_backend": "llamacpp", "snapshot_every": 2}
+    path = _recipe(tmp_path, tiny_teacher, onpolicy=onpolicy, train={"steps": 5, "save_every": 1})
+    assert main(["run", str(path), "name=ref"]) == 0
+    ref = _rows(tmp_path, "ref")
+    assert [r["snapshot_age"] for r in ref] == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert ref[1]["ratio"] != pytest.approx(1.0, abs=1e-7)  # stale samples: the ratio corrects for them
+
+    class Killed(BaseException):
+        pass
+
+    def crash(name):
+        if name == "train:saved-3":  # the resumed run starts at step index 3, inside the block of step 2's snapshot
+            raise Killed
+
+    monkeypatch.setattr(distil.trainer, "crash_point", crash)
+    with pytest.raises(Killed):
+        main(["run", str(path), "name=k"])
+    monkeypatch.undo()
+    assert main(["run", str(path), "name=k", "--resume"]) == 0
+    assert [r["loss"] for r in _rows(tmp_path, "k")] == [r["loss"] for r in ref]
+
+
 # ---- seq_kd: the teacher writes the completions ---------------------------------------------------------------
 
 

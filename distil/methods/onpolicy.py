@@ -50,6 +50,12 @@ a resumed run regenerates exactly the samples of the uninterrupted one. `distil.
 called: it returns decoded text (token ids do not survive a decode/encode round trip in general), fingerprints
 the weights on every call and writes a corpus; a step needs ids, sampling log-probs and nothing stored.
 
+Student samples can also come from llama.cpp (`student_backend: llamacpp`): the student exported to a GGUF snapshot
+every `snapshot_every` steps (distil/generation/snapshot.py; distil's own per-row sampler on llama.cpp's logits, so an
+F32 snapshot samples what transformers samples from the same weights); samples are then up to snapshot_every - 1
+steps stale (`snapshot_age` in metrics.jsonl), which the divergences do not mind (they score the sampled text with
+the current student) and the estimator's importance ratio corrects (log q is the snapshot's).
+
 metrics.jsonl columns of every onpolicy run: length (mean completion tokens per sequence), truncated (fraction cut
 at max_new_tokens), student_samples (1 on on-policy steps), generate_s (seconds spent sampling in the step: what
 generation costs next to the teacher's scoring and the update), plus the loss's own (kd/ce, or kl, entropy, ratio,
@@ -111,6 +117,13 @@ class OnPolicySpec:
                              "tokens after it (0 = its own only).", ge=0.0, le=1.0)
     seed: int = option(0, "Seed of the per-step lmbda draw and of every sample (per row: see before_step).", ge=0,
                        lt=2**32)
+    student_backend: Literal["hf", "llamacpp"] = option(
+        "hf", "Who runs the STUDENT's sampling: transformers, or llama.cpp on a GGUF snapshot of the student "
+        "re-exported every snapshot_every steps (faster on CPU; samples up to snapshot_every-1 steps stale, "
+        "snapshot_age in metrics.jsonl; distil's own sampler, so the F32 snapshot samples what transformers would).")
+    snapshot_every: int = option(8, "student_backend llamacpp: export the student to GGUF every this many steps.",
+                                 ge=1)
+    snapshot_quant: Literal["F32", "F16"] = option("F32", "student_backend llamacpp: the snapshot's precision.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,8 +260,10 @@ def _with_stats(batch: dict, source: float, n_global: int, seconds: float = 0.0)
 
 
 def make_before_step(spec: OnPolicySpec, teacher: Any, eos: list[int], pad_id: int,
-                     echo: Callable[[str], None], main: bool = True) -> Callable[[Any, list[dict], int], list[dict]]:
-    """The phase's per-step hook: draw the step's source, generate every micro-batch's completions in one batch."""
+                     echo: Callable[[str], None], main: bool = True, snapshot: Any = None,
+                     wait: Callable[[], None] | None = None) -> Callable[[Any, list[dict], int], list[dict]]:
+    """The phase's per-step hook: draw the step's source, generate every micro-batch's completions in one batch
+    (the student's through `snapshot`, a generation.snapshot.GGUFSnapshot, when one is given)."""
     from distil.generation.params import GenParams
 
     params = GenParams(max_new_tokens=spec.max_new_tokens, temperature=spec.sample_temperature,
@@ -261,7 +276,11 @@ def make_before_step(spec: OnPolicySpec, teacher: Any, eos: list[int], pad_id: i
         n_global = sum(sizes) * world
         on_policy = _uniform(spec.seed, step) < spec.lmbda
         if not on_policy and not spec.seq_kd:
-            return [_with_stats(b, 0.0, n_global) for b in batches]
+            out = [_with_stats(b, 0.0, n_global) for b in batches]
+            if snapshot is not None:  # every step logs the same metric names
+                for b in out:
+                    b["snapshot_age"] = torch.zeros((), device=b["input_ids"].device)
+            return out
         model = unwrap(module) if on_policy else teacher
         prompts, seeds = [], []
         for m, b in enumerate(batches):
@@ -273,7 +292,12 @@ def make_before_step(spec: OnPolicySpec, teacher: Any, eos: list[int], pad_id: i
             raise DistilError("onpolicy: a training example has no prompt (text records): expected prompt/response "
                               "or messages records, whose prompts the student answers")
         start = time.perf_counter()
-        samples = sample(model, prompts, params, seeds, eos, pad_id)
+        age = 0.0
+        if on_policy and snapshot is not None:  # llama.cpp on the block's GGUF snapshot of the student
+            age = float(step - snapshot.ensure(model, step, main=main, wait=wait))
+            samples = Samples(*snapshot.sample(prompts, params, seeds, eos))
+        else:
+            samples = sample(model, prompts, params, seeds, eos, pad_id)
         seconds = (time.perf_counter() - start) / world
         cut = sum(samples.truncated) / len(prompts)
         if on_policy and cut >= WARN_TRUNCATED and not warned["done"] and main:
@@ -286,7 +310,10 @@ def make_before_step(spec: OnPolicySpec, teacher: Any, eos: list[int], pad_id: i
         for n in sizes:
             part = Samples(samples.completions[at:at + n], samples.logq[at:at + n], samples.truncated[at:at + n])
             b = {k: v.to(device) for k, v in completion_batch(prompts[at:at + n], part, pad_id).items()}
-            out.append(_with_stats(b, 1.0 if on_policy else 0.0, n_global, seconds if at == 0 else 0.0))
+            b = _with_stats(b, 1.0 if on_policy else 0.0, n_global, seconds if at == 0 else 0.0)
+            if snapshot is not None:  # steps since the snapshot the samples came from (0 when not on-policy)
+                b["snapshot_age"] = torch.tensor(age / world if at == 0 else 0.0, device=device)
+            out.append(b)
             at += n
         return out
 
@@ -447,6 +474,8 @@ def build_onpolicy_loss(teacher: Any, spec: OnPolicySpec, distill: Any, vocab: i
                             "truncated": batch["truncated"].sum().float() / seqs,
                             "student_samples": batch["student_samples"] * rows / seqs,
                             "generate_s": batch["generate_s"]})  # seconds spent sampling this step
+        if "snapshot_age" in batch:  # student_backend llamacpp: steps since the GGUF snapshot that sampled
+            out.metrics["snapshot_age"] = batch["snapshot_age"]
         return out
 
     return loss_fn
@@ -511,7 +540,13 @@ def stage(ctx: Context) -> Stage:
     across = None if t_tok is s_tok or t_tok.get_vocab() == s_tok.get_vocab() else (s_tok, t_tok)
     loss_fn = build_onpolicy_loss(teacher, spec, ctx.recipe.distill, ctx.vocab, echo=ctx.echo, across=across)
     eos = ctx.artifact if ctx.artifact is not None else []
-    before = make_before_step(spec, teacher, eos, ctx.pad_id, ctx.echo, ctx.main)
+    snapshot = None
+    if spec.student_backend == "llamacpp" and spec.lmbda > 0:
+        from distil.generation.snapshot import GGUFSnapshot
+
+        snapshot = GGUFSnapshot(ctx.run_dir / "snapshots", spec.snapshot_every, ctx.student.tokenizer,
+                                quant=spec.snapshot_quant, threads=ctx.recipe.train.threads or None)
+    before = make_before_step(spec, teacher, eos, ctx.pad_id, ctx.echo, ctx.main, snapshot=snapshot, wait=ctx.wait)
     return Stage(phases=[Phase(name="onpolicy", module=Trainable(ctx.student.model), loss_fn=loss_fn,
                                examples=ctx.train_examples, before_step=before)])
 
