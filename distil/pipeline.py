@@ -39,7 +39,7 @@ CONTROL = "student (hard_labels)"
 # Keys a resumed run may change: they do not change what the run computes, only how long, how often it
 # logs/saves, and what happens after training.
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.save_every", "train.keep_last",
-                     "train.threads", "eval.batch_size", "export.", "output.save_student")
+                     "train.threads", "train.report_to", "eval.batch_size", "export.", "output.save_student")
 
 
 @dataclass

@@ -62,3 +62,14 @@ def test_missing_package_is_one_line_before_anything_runs(make_recipe, monkeypat
     assert len(err.splitlines()) == 1 and "train.report_to: 'tensorboard' needs the tensorboard package" in err
     assert "pip install 'distil[tensorboard]'" in err
     assert not (path.parent / "runs").exists()  # refused at validation: nothing written
+
+
+def test_switched_on_at_resume(make_recipe):
+    """train.report_to only changes what is logged: a resumed run may turn it on (its events start after the
+    checkpoint it resumes from)."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'distil[tensorboard]')")
+    path = make_recipe(train={"steps": 2, "save_every": 1})
+    assert main(["run", str(path)]) == 0
+    assert main(["run", str(path), "train.steps=4", "train.report_to=tensorboard", "--resume"]) == 0
+    events = _events(path.parent / "runs" / "t" / "tensorboard")
+    assert [s for s, _ in events["offline/loss"]] == [3, 4]
