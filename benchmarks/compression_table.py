@@ -127,21 +127,11 @@ class CachedTeacher:
 
 
 def decode_speed(gguf: Path, tokens: int) -> float | None:
-    """llama.cpp's generation speed on the GGUF: `tokens` greedy tokens after PROMPT, end-of-turn ignored (a student
-    that stops early would otherwise time nothing), timed by llama.cpp's own decode counter, one thread."""
-    import llama_cpp
+    """llama.cpp's generation speed on the GGUF (distil.generate.llamacpp_decode_speed): `tokens` greedy tokens after
+    PROMPT, end of turn ignored, one thread."""
+    from distil.generate import llamacpp_decode_speed
 
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False, seed=0)
-    try:
-        prompt = llm.tokenize(PROMPT.encode())
-        llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
-        for n, _ in enumerate(llm.generate(prompt, temp=0.0), start=1):
-            if n >= tokens:
-                break
-        perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
-        return 1000.0 * perf.n_eval / perf.t_eval_ms if perf.t_eval_ms > 0 and perf.n_eval else None
-    finally:
-        llm.close()
+    return llamacpp_decode_speed(gguf, PROMPT, tokens, n_ctx=256, n_threads=1)
 
 
 def speed(gguf: Path, reference: Path, tokens: int, tries: int = 2) -> tuple[float | None, float | None]:
