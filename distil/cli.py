@@ -188,9 +188,60 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_advise(args: argparse.Namespace) -> int:
+    """The capacity-gap sweep (distil/eval/capacity.py): the recipe's student from each teacher, direct and through
+    the TAKD chain; a table (and a PNG / JSON)."""
+    import json as json_mod
+
+    import yaml
+
+    from distil.eval.capacity import format_table, plot, sweep, train_teachers
+    from distil.recipe import load_recipe
+
+    path = find_recipe(args.recipe)
+    recipe = load_recipe(path, args.overrides)
+    _setup_quiet()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    assistant = recipe.takd.assistant or None
+    if args.assistant is not None:
+        try:
+            assistant = yaml.safe_load(args.assistant)
+        except yaml.YAMLError:
+            assistant = None
+        if not isinstance(assistant, dict):
+            raise DistilError(f"advise: --assistant: expected a YAML mapping of config overrides such as "
+                              f"'{{num_hidden_layers: 1}}', found {args.assistant!r}")
+    teachers = [t for t in (args.teachers or "").split(",") if t]
+    if args.teacher_steps:
+        if not args.teacher_recipe:
+            raise DistilError("advise: --teacher-steps: expected --teacher-recipe (the recipe that trains them), "
+                              "found none")
+        try:
+            steps = [int(x) for x in args.teacher_steps.split(",") if x]
+        except ValueError:
+            raise DistilError(f"advise: --teacher-steps: expected comma-separated integers, found "
+                              f"{args.teacher_steps!r}") from None
+        teachers = train_teachers(find_recipe(args.teacher_recipe), steps, args.out) + teachers
+    if not teachers:
+        if not recipe.teacher.source:
+            raise DistilError("advise: expected --teachers or --teacher-steps (or a recipe teacher), found none")
+        teachers = [recipe.teacher.source]
+    rows = sweep(path, teachers, args.overrides, assistant=assistant, out=args.out)
+    print(format_table(rows))
+    if args.png:
+        print(f"wrote {plot(rows, args.png)}")
+    if args.json:
+        Path(args.json).write_text(json_mod.dumps({"rows": rows, "assistant": assistant}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 VERBS = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval, "ls": cmd_ls, "demo": cmd_demo,
          "export": cmd_export, "cache": cmd_cache, "generate": cmd_generate,
-         "prune": cmd_prune, "inspect": cmd_inspect}
+         "prune": cmd_prune, "inspect": cmd_inspect, "advise": cmd_advise}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--top-k", type=int, default=5, help="soft targets shown per position")
     ins.add_argument("--png", default=None, help="also draw the table as a PNG")
     ins.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    adv = sub.add_parser("advise", help="capacity gap: the recipe's student distilled from several teachers, direct "
+                         "and through a teacher assistant (TAKD); table + PNG")
+    adv.add_argument("recipe", help="recipe YAML (or the name of a bundled recipe): the student, data and budget")
+    adv.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    adv.add_argument("--teachers", default=None, help="comma-separated teacher sources (one vocabulary)")
+    adv.add_argument("--teacher-recipe", default=None, help="recipe that trains teachers of --teacher-steps")
+    adv.add_argument("--teacher-steps", default=None, help="comma-separated train.steps of teachers trained once from "
+                     "--teacher-recipe (cached in OUT/capacity-teacher-N)")
+    adv.add_argument("--assistant", default=None, help="TAKD assistant as config overrides of the student, a YAML "
+                     "mapping (default: the recipe's takd.assistant; none: direct only)")
+    adv.add_argument("--out", default="runs", help="where the sweep's runs go")
+    adv.add_argument("--png", default=None, help="plot student quality vs teacher strength")
+    adv.add_argument("--json", default=None, help="write the rows as JSON")
+    adv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
 
