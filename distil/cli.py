@@ -8,6 +8,7 @@
   distil generate MODEL_OR_RECIPE [key=value ...] --prompts FILE --out FILE.jsonl [--backend hf|llamacpp]
   distil prune RECIPE [key=value ...] --out DIR [--overwrite]
   distil inspect MODEL_OR_RUN --text TEXT [--positions 3,7] [--temperatures 1,2,4] [--top-k 5] [--png FILE]
+  distil advise RECIPE [key=value ...] [--teachers A,B] [--teacher-recipe R --teacher-steps 150,600] [--png FILE]
   distil ls
   distil demo [key=value ...]
 
