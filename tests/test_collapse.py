@@ -80,7 +80,7 @@ def test_two_generations_end_to_end(tmp_path, monkeypatch):
     spec.loader.exec_module(mc)
     recipe = tmp_path / "gen0.yaml"
     recipe.write_text((ROOT / "recipes" / "model_collapse.yaml").read_text()
-                      .replace("max_records: 2000", "max_records: 40").replace("eval_size: 200", "eval_size: 8")
+                      .replace("max_records: 800", "max_records: 40").replace("eval_size: 200", "eval_size: 8")
                       .replace("hidden_size: 64", "hidden_size: 32").replace("batch_size: 32", "batch_size: 4"))
     monkeypatch.setattr(mc, "RECIPE", recipe)
     args = argparse.Namespace(generations=2, steps=2, samples=10, max_new_tokens=6, real_fraction=0.2,
