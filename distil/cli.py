@@ -199,6 +199,9 @@ def cmd_advise(args: argparse.Namespace) -> int:
     from distil.eval.capacity import format_table, plot, sweep, train_teachers
     from distil.recipe import load_recipe
 
+    import time
+
+    start = time.time()
     path = find_recipe(args.recipe)
     recipe = load_recipe(path, args.overrides)
     _setup_quiet()
@@ -235,7 +238,14 @@ def cmd_advise(args: argparse.Namespace) -> int:
     if args.png:
         print(f"wrote {plot(rows, args.png)}")
     if args.json:
-        Path(args.json).write_text(json_mod.dumps({"rows": rows, "assistant": assistant}, indent=2))
+        import datetime as dt
+        import platform
+
+        record = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_average_at_end": os.getloadavg(),
+                  "command": "distil " + " ".join(sys.argv[1:]), "wall_seconds": round(time.time() - start),
+                  "assistant": assistant, "rows": rows, "table": format_table(rows)}
+        Path(args.json).write_text(json_mod.dumps(record, indent=2))
         print(f"wrote {args.json}")
     return 0
 
