@@ -1,7 +1,7 @@
 """Teacher-data methods on a verifiable task: which way of learning from a teacher's text makes the best student?
 
-    nice python benchmarks/teacher_data_methods.py --steps 1200 --workers 6
-        # 33 min on the shared 2-core machine at load ~12 (the teacher already trained)
+    python benchmarks/teacher_data_methods.py --steps 2500 --workers 2
+        # 38.5 min on the shared 2-core machine at load 5-8 (the teacher already trained; ~8 min more if not)
     python benchmarks/teacher_data_methods.py --quick          # a smoke run (tiny budgets, 1 seed)
 
 The task is `sum3` (distil/eval/tasks.py: '436+760+20=' -> '436+760=1196\\n1196+20=1216\\n#### 1216', one token per
