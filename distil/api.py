@@ -266,7 +266,7 @@ class _Terms:
             model.eval()
             try:
                 with torch.no_grad(), capture(model, paths) as feats:
-                    call(model, probe_batch)
+                    call(model, {k: v.to(_device(model)) for k, v in probe_batch.items()})
             finally:
                 model.train(was)
             shapes.append({p: tuple(v.shape) for p, v in feats.items()})
@@ -350,6 +350,7 @@ def evaluate(models: dict[str, nn.Module], data: Any, *, teacher: nn.Module | No
     agreement with it, over the labelled items of `data`; the teacher is the row "teacher". Modes restored."""
     data = as_dataset(data, "eval_data")
     rows = {"teacher": teacher, **models} if teacher is not None else dict(models)
+    device = _device(*rows.values())
     states = {name: m.training for name, m in rows.items()}
     sums = {name: {"correct": 0.0, "nll": 0.0, "kl": 0.0, "agree": 0.0} for name in rows}
     n = 0
@@ -357,7 +358,8 @@ def evaluate(models: dict[str, nn.Module], data: Any, *, teacher: nn.Module | No
         for m in rows.values():
             m.eval()
         for start in range(0, len(data), batch_size):
-            batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+            batch = {k: v.to(device) for k, v in
+                     collate([data[i] for i in range(start, min(start + batch_size, len(data)))]).items()}
             labels = batch.get("labels")
             if labels is None:
                 raise DistilError("eval_data: expected labelled items (x, y), found items without labels")
@@ -464,8 +466,17 @@ def _check_loss(loss: str, temperature: float, alpha: float) -> None:
         raise DistilError(f"alpha: expected a number in [0, 1], found {alpha}")
 
 
-def _frozen(teacher: nn.Module | None) -> Any:
-    """The teacher in eval mode while training; its mode is restored afterwards."""
+def _device(*models: nn.Module) -> torch.device:
+    """Where the models' weights are (the first one that has any; CPU otherwise)."""
+    for m in models:
+        for p in m.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _frozen(teacher: nn.Module | None, device: Any = None) -> Any:
+    """The teacher in eval mode while training, on the loop's device (moved there in place); its mode is restored
+    afterwards."""
     import contextlib
 
     @contextlib.contextmanager
@@ -473,6 +484,8 @@ def _frozen(teacher: nn.Module | None) -> Any:
         was = teacher.training if teacher is not None else None
         if teacher is not None:
             teacher.eval()
+            if device is not None:
+                teacher.to(device)
         try:
             yield
         finally:
@@ -550,7 +563,7 @@ def distill(teacher: nn.Module | None, student: nn.Module, train_data: Any, *, l
                          run_dir=run_dir, resume=resume, train=train)
     t0 = time.perf_counter()
     before = copy.deepcopy(student) if eval_data is not None else None
-    with _frozen(teacher), _Where(run.run_dir) as where:
+    with _frozen(teacher, run.accelerator.device), _Where(run.run_dir) as where:
         module, loss_fn = _distill_module(teacher, student, data, run, loss=loss, temperature=temperature,
                                           alpha=alpha, features=features, relations=relations)
         history = run.train(module, loss_fn, data, where, "distill")
@@ -614,7 +627,7 @@ def born_again(student: nn.Module | Callable[[], nn.Module], train_data: Any, *,
         first = 1 if teacher is not None else 0
         for g in range(first, generations + 1):
             model = fresh_copy(student, seed * 1000 + g)
-            with _frozen(previous):
+            with _frozen(previous, run.accelerator.device):
                 module, loss_fn = _distill_module(previous, model, data, run, loss=loss if previous is not None else "ce",
                                                   temperature=temperature, alpha=alpha, features=(), relations=())
                 histories[f"gen-{g}"] = run.train(module, loss_fn, data, where / f"gen-{g}", f"gen-{g}")
@@ -688,7 +701,7 @@ def mutual(peers: Sequence[nn.Module], train_data: Any, *, weight: float = 1.0, 
             metrics[f"mutual_{k + 1}"] = kl.detach()
         return LossOutput(total, metrics, count_items(batch))
 
-    with _frozen(teacher), _Where(run.run_dir) as where:
+    with _frozen(teacher, run.accelerator.device), _Where(run.run_dir) as where:
         history = run.train(module, loss_fn, data, where, "mutual")
     result = DistillResult(student=peers[0], history=history, run_dir=run.run_dir, students=peers,
                            seconds=time.perf_counter() - t0)
