@@ -59,6 +59,10 @@ ROWS = {
     "sampled-token": ["distill.method=onpolicy", "onpolicy.lmbda=1.0", "onpolicy.loss=sampled_reverse_kl", *GEN],
     "DPO after SeqKD": ["distill.method=preference", "preference.max_new_tokens=40", "preference.batch_size=256",
                         "preference.beta=0.1", "preference.student_temperature=1.0"],
+    # DPO at the shared lr (1e-3) unlearns the end of its answers (see the README); at a DPO-sized lr:
+    "DPO after SeqKD, lr 5e-5": ["distill.method=preference", "preference.max_new_tokens=40",
+                                 "preference.batch_size=256", "preference.beta=0.1",
+                                 "preference.student_temperature=1.0", "train.lr=5.0e-5"],
 }
 SLUG = {row: f"r{i}" for i, row in enumerate(ROWS)}
 
@@ -126,10 +130,10 @@ def row_job(row: str, seed: int, out: str, steps: int, n_eval: int, k: int, teac
         if ROWS[row] is None:
             return {"row": row, "seed": seed, **score(warm_dir, n_eval, k), "train_s": 0.0}
         # the continuation: the warm start's weights, a short warmup, a lower peak lr than from scratch
-        result, _ = _run(ROWS[row] + [f"name={SLUG[row]}-s{seed}", f"student.source={warm_dir}",
-                                      f"train.steps={steps}", "train.warmup_steps=10", "train.lr=1.0e-3",
-                                      "student.config={}",
-                                      *_common(seed, out, teacher)])
+        # (the row's own overrides come last: they win over the shared ones)
+        result, _ = _run([f"name={SLUG[row]}-s{seed}", f"student.source={warm_dir}", f"train.steps={steps}",
+                          "train.warmup_steps=10", "train.lr=1.0e-3", "student.config={}",
+                          *_common(seed, out, teacher), *ROWS[row]])
         trained = time.perf_counter() - start
         return {"row": row, "seed": seed, **score(result.student_dir, n_eval, k), "train_s": round(trained, 1)}
     except Exception as exc:  # a failing row is reported; the others still count
@@ -182,6 +186,8 @@ def main() -> int:
     ap.add_argument("--teacher", default=str(TEACHER_DIR))
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 + 4 steps, 1 seed, 10 questions, k=4")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "policy_table.json"))
+    ap.add_argument("--rows", nargs="+", choices=list(ROWS), help="only these rows; the other rows' results are "
+                    "kept from the existing --json file (same warm starts: reused from --out)")
     args = ap.parse_args()
     k = K
     if args.quick:
@@ -207,13 +213,20 @@ def main() -> int:
     results: list[dict] = []
     gaps: list[str] = []
     teacher: dict = {}
+    rows = list(ROWS)
+    if args.rows:  # keep what the file holds for the other rows (and its teacher row)
+        old = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
+        rows = list(args.rows)
+        results = [r for r in old.get("runs", []) if r["row"] not in rows]
+        info["command"] = old.get("command", "") + " ; then: " + info["command"]
+        info["rerun"] = rows
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn")) as pool:
         t_future = pool.submit(score, args.teacher, args.n_eval, k)
         warm = {pool.submit(warm_job, seed, args.out, args.warm, args.teacher): seed for seed in range(args.seeds)}
         for fut in as_completed(list(warm)):
             info.setdefault("warm_s", {})[warm[fut]] = round(fut.result(), 1)
         futures = [pool.submit(row_job, row, seed, args.out, args.steps, args.n_eval, k, args.teacher)
-                   for row in ROWS for seed in range(args.seeds)]
+                   for row in rows for seed in range(args.seeds)]
         for fut in as_completed([t_future, *futures]):
             if fut is t_future:
                 teacher = fut.result()
