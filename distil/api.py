@@ -86,6 +86,7 @@ class RelationPair:
     lambda_d: float = 1.0
     lambda_a: float = 2.0
     normalize: bool = True
+    samples: int | None = None  # RKD on the first `samples` items of each batch only (the angle term costs B^3)
 
 
 @dataclass
@@ -237,9 +238,11 @@ class _Terms:
                 raise DistilError(f"relations: expected RelationPair(kind='rkd'|'fsp', ...) items, found {r!r}")
             if r.kind == "rkd":
                 need = 3 if r.lambda_a else 2
-                if batch_size < need:
-                    raise DistilError(f"relations: RKD relates the samples of a batch: expected batch_size >= {need}"
-                                      f"{' (its angle term needs triplets)' if need == 3 else ''}, found {batch_size}")
+                used = min(batch_size, r.samples or batch_size)
+                if used < need:
+                    raise DistilError(f"relations: RKD relates the samples of a batch: expected batch_size (and "
+                                      f"samples) >= {need}{' (its angle term needs triplets)' if need == 3 else ''}, "
+                                      f"found {used}")
             elif not (isinstance(r.student, (list, tuple)) and isinstance(r.teacher, (list, tuple))
                       and len(r.student) == len(r.teacher) and r.student
                       and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in [*r.student, *r.teacher])):
@@ -313,7 +316,9 @@ class _Terms:
                                      for a in self.attention)
         for r_i, r in enumerate(self.relations):
             if r.kind == "rkd":
-                v = rkd_loss(_flat(feats[r.student]), _flat(t_feats[r.teacher].detach()), r.lambda_d, r.lambda_a)
+                k = r.samples or len(feats[r.student])
+                v = rkd_loss(_flat(feats[r.student][:k]), _flat(t_feats[r.teacher][:k].detach()), r.lambda_d,
+                             r.lambda_a)
             else:
                 pairs_s = [tuple(side.get("fsp", {}).get(f"{r_i}_{i}_{k}", feats[sp[k]]) for k in (0, 1))
                            for i, sp in enumerate(r.student)]
