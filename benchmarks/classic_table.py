@@ -181,7 +181,8 @@ def rows_for_seed(ds: dict, seed: int, budget: dict, teacher: nn.Module, teacher
                 **budget)
     acc["FitNets (hint, block 2)"] = score(s)
     s = student()
-    api.distill(teacher, s, train, loss="ce", seed=seed, relations=[api.RelationPair("rkd", BLOCKS[2], BLOCKS[2], samples=64)],
+    api.distill(teacher, s, train, loss="ce", seed=seed,
+                relations=[api.RelationPair("rkd", BLOCKS[2], BLOCKS[2], samples=64)],
                 **budget)
     acc["RKD (distance + angle)"] = score(s)
     s = student()
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         teacher, teacher_acc = train_teacher(ds, budget)
         memo = Memo(teacher, ds["train"][0])  # the teacher's stored outputs on the training set, for every row
-        print(f"{name}: teacher {100 * teacher_acc:.2f}% ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+        print(f"{name}: teacher {100 * teacher_acc:.2f}% ({time.perf_counter() - t0:.0f}s)", file=sys.stderr,
+              flush=True)
         per_seed = []
         n_test = len(ds["test"][1])
         params = {k: sum(p.numel() for p in model(ds, w, 0).parameters()) for k, w in (("teacher", TEACHER),

@@ -633,7 +633,8 @@ def born_again(student: nn.Module | Callable[[], nn.Module], train_data: Any, *,
         for g in range(first, generations + 1):
             model = fresh_copy(student, seed * 1000 + g)
             with _frozen(previous, run.accelerator.device):
-                module, loss_fn = _distill_module(previous, model, data, run, loss=loss if previous is not None else "ce",
+                module, loss_fn = _distill_module(previous, model, data, run,
+                                                  loss=loss if previous is not None else "ce",
                                                   temperature=temperature, alpha=alpha, features=(), relations=())
                 histories[f"gen-{g}"] = run.train(module, loss_fn, data, where / f"gen-{g}", f"gen-{g}")
             models.append(model)
