@@ -6,15 +6,19 @@ recipe and tests (docs/design.md, "Adding a method in one file"). `pipeline.run`
 change.
 """
 
-from distil.methods import (cache, cot, hard_labels, offline, onpolicy, preference, prune, ptq, qat, seqkd, sparse,
-                            synthetic)
+from distil.methods import (born_again, cache, cot, crosstok, features, hard_labels, mutual, offline, onpolicy,
+                            preference, prune, ptq, qat, seqkd, sparse, synthetic, takd)
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable, count_targets, unwrap  # noqa: F401
 
 # Recipe `distill.method` name -> Method.
 METHODS: dict[str, Method] = {m.name: m for m in (
     offline.METHOD, hard_labels.METHOD, cache.METHOD,  # response-based, from live logits or a cache
+    features.METHOD,  # feature-based: hidden states and attention maps through hooks
+    born_again.METHOD, mutual.METHOD,  # self-distillation (Born-Again), online distillation (mutual learning)
+    takd.METHOD,  # teacher-assistant chain (capacity gap)
     seqkd.METHOD, synthetic.METHOD, cot.METHOD,  # the teacher writes the data
     onpolicy.METHOD, preference.METHOD,  # the student writes, the teacher judges
+    crosstok.METHOD,  # logits across tokenizers (ULD, GOLD-style alignment)
     prune.METHOD, sparse.METHOD, ptq.METHOD, qat.METHOD,  # compression, recovered by distillation
 )}
 
