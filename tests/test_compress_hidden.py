@@ -102,23 +102,24 @@ def _hold_channels_at_zero(model, channels):
 def test_a_channel_of_zero_importance_is_sliced_away_without_changing_the_outputs(tied):
     # eps ~ 0: the only term that does not scale with sqrt(H / H') (see the module docstring)
     model = _model(tie_word_embeddings=tied, rms_norm_eps=1e-12)
-    _hold_channels_at_zero(model, [5, 17])
+    zero = [5, 17, 22, 29]  # 4 channels: 28 kept is a multiple of the 4 heads (transformers requires it)
+    _hold_channels_at_zero(model, zero)
     batches = _batches()
     scores = P.hidden_scores(model, batches)
-    assert float(scores[5]) == 0.0 and float(scores[17]) == 0.0 and float(scores.min()) == 0.0
-    assert (scores > 0).sum() == 30
-    pruned, report = P.prune(model, _spec(hidden=2 / 32), batches)
-    assert report.hidden_kept == 30 and pruned.config.hidden_size == 30
-    assert pruned.model.embed_tokens.weight.shape == (106, 30)
-    assert pruned.lm_head.weight.shape == (106, 30)
+    assert all(float(scores[c]) == 0.0 for c in zero) and float(scores.min()) == 0.0
+    assert (scores > 0).sum() == 28
+    pruned, report = P.prune(model, _spec(hidden=4 / 32), batches)
+    assert report.hidden_kept == 28 and pruned.config.hidden_size == 28
+    assert pruned.model.embed_tokens.weight.shape == (106, 28)
+    assert pruned.lm_head.weight.shape == (106, 28)
     assert (pruned.lm_head.weight.data_ptr() == pruned.model.embed_tokens.weight.data_ptr()) == tied
     torch.testing.assert_close(_logits(pruned.eval(), batches[0]), _logits(model, batches[0]), rtol=1e-5, atol=1e-5)
     # without the sqrt(H / H') gain on the norm weights the outputs would move: the gain is doing the work
-    raw = P.slice_hidden(model, [c for c in range(32) if c not in (5, 17)])
+    raw = P.slice_hidden(model, [c for c in range(32) if c not in zero])
     with torch.no_grad():
         for name, p in raw.named_parameters():
             if name.endswith("layernorm.weight") or name == "model.norm.weight":
-                p.mul_((30 / 32) ** 0.5)
+                p.mul_((28 / 32) ** 0.5)
     assert not torch.allclose(_logits(raw.eval(), batches[0]), _logits(model, batches[0]), atol=1e-3)
 
 
@@ -196,11 +197,27 @@ def test_a_hidden_ratio_outside_0_1_exits_2_with_one_line(tmp_path, tiny_teacher
     assert "prune.hidden" in err and "\n" not in err
 
 
-def test_hidden_width_rounds_to_multiple_of():
-    assert P.mlp_width(576, 1 / 3, 1, "prune.hidden") == 384
-    assert P.mlp_width(576, 0.1, 256, "prune.hidden") == 512
-    assert P.mlp_width(576, 0.5, 256, "prune.hidden") == 256
-    assert P.mlp_width(576, 0.0, 256, "prune.hidden") == 576  # 0 = nothing removed, whatever multiple_of says
+def test_hidden_width_rounds_to_multiple_of_and_the_heads():
+    # SmolLM2-135M: hidden 576, 9 heads; transformers refuses a hidden_size that is not a multiple of the heads
+    assert P.hidden_width(576, 1 / 3, 1, 9) == 378  # 384 -> 42 x 9
+    assert P.hidden_width(576, 1 / 3, 1, 8) == 384
+    assert P.hidden_width(576, 0.1, 256, 8) == 512
+    assert P.hidden_width(576, 1 / 3, 128, 6) == 384  # lcm(128, 6) = 384
+    assert P.hidden_width(576, 0.0, 256, 9) == 576  # 0 = nothing removed, whatever multiple_of says
+    assert P.mlp_width(1536, 0.0, 256) == 1536
+    with pytest.raises(P.DistilError, match="prune.hidden: keeping"):
+        P.hidden_width(576, 0.5, 256, 9)  # a multiple of lcm(256, 9) = 2304 cannot be kept
+
+
+def test_a_hidden_pruned_smollm_shaped_model_saves_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _model(hidden_size=36, num_attention_heads=9, num_key_value_heads=3, intermediate_size=64)
+    pruned, report = P.prune(model, _spec(hidden=1 / 3), _batches())
+    assert report.hidden_kept == 18  # 24 rounded down to a multiple of the 9 heads
+    pruned.save_pretrained(tmp_path / "m")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert back.config.hidden_size == 18 and back.config.head_dim == 4
 
 
 def test_calibration_data_shorter_than_asked_exits_2_before_anything_is_written(tmp_path, tiny_teacher, capsys):

@@ -68,7 +68,8 @@ class PruneSpec:
                         "KV groups kept.", ge=0)
     kv_heads: int = option(0, "KV groups (key/value heads) kept per layer (0 = all).", ge=0)
     multiple_of: int = option(1, "Round the kept MLP and hidden widths down to a multiple of this (e.g. 256: "
-                              "k-quant super-blocks of the GGUF export).", gt=0)
+                              "k-quant super-blocks of the GGUF export); the hidden width is also a multiple of the "
+                              "attention heads (transformers requires it).", gt=0)
     calib_examples: int = option(64, "Calibration examples (the first of the training data).", gt=0)
     calib_batch: int = option(8, "Calibration examples per forward.", gt=0)
 
@@ -272,6 +273,23 @@ def mlp_width(intermediate: int, ratio: float, multiple_of: int = 1, key: str = 
     return min(keep, intermediate)
 
 
+def hidden_width(hidden: int, ratio: float, multiple_of: int, heads: int) -> int:
+    """Hidden width kept when the fraction `ratio` goes: rounded down to a multiple of both `multiple_of` and the
+    query heads kept (transformers' llama/qwen configs refuse to save a hidden_size that is not a multiple of
+    num_attention_heads, even with head_dim set); refused when no such width is left."""
+    if not 0.0 <= ratio < 1.0:
+        raise DistilError(f"prune.hidden: expected a fraction to remove in [0, 1) (0 = none), found {ratio}")
+    if ratio == 0.0:
+        return hidden
+    step = math.lcm(multiple_of, heads)
+    keep = int(math.floor(hidden * (1.0 - ratio) + 1e-9)) // step * step
+    if keep <= 0:
+        raise DistilError(f"prune.hidden: keeping {1.0 - ratio:.3f} of {hidden} channels as a multiple of {step} "
+                          f"(prune.multiple_of {multiple_of} and the {heads} attention heads) leaves none; expected "
+                          f"a smaller ratio or multiple_of, found {ratio}")
+    return min(keep, hidden)
+
+
 def head_counts(config: Any, heads: int, kv_heads: int) -> tuple[int, int]:
     """(query heads, KV groups) to keep, checked against the model's GQA grouping."""
     n, kv = config.num_attention_heads, config.num_key_value_heads
@@ -446,7 +464,7 @@ def prune(model: Any, spec: Any, batches: list[dict]) -> tuple[Any, PruneReport]
         raise DistilError(f"prune.depth: expected 1..{n} layers to keep (the model has {n}), found {spec.depth}")
     new_i = mlp_width(config.intermediate_size, spec.mlp, spec.multiple_of)
     new_h, new_kv = head_counts(config, spec.heads, spec.kv_heads)
-    new_hidden = mlp_width(config.hidden_size, getattr(spec, "hidden", 0.0), spec.multiple_of, "prune.hidden")
+    new_hidden = hidden_width(config.hidden_size, getattr(spec, "hidden", 0.0), spec.multiple_of, new_h)
     out = model
     if spec.depth and spec.depth < n:
         scores = block_influence(model, batches) if spec.depth_score == "block_influence" else [0.0] * n
