@@ -46,7 +46,7 @@ RUNS = {
     "depth15_bi": ("recipes/prune_depth.yaml", ["prune.depth=15"]),
     "depth15_uniform": ("recipes/prune_depth.yaml", ["prune.depth=15", "prune.depth_score=uniform"]),
     "mlp50": ("recipes/prune_distill_q4.yaml", []),  # the pipeline recipe: MLP 50% -> KD -> Q4_K_M
-    "hidden384": ("recipes/prune_width.yaml", ["prune.mlp=0.0", "prune.heads=0", "prune.hidden=0.3333334",
+    "hidden378": ("recipes/prune_width.yaml", ["prune.mlp=0.0", "prune.heads=0", "prune.hidden=0.3333333",
                                                "prune.multiple_of=1"]),
     "qat_int4": ("recipes/qat.yaml", ["qat.grid=int4"]),
     "qat_q4k": ("recipes/qat.yaml", ["qat.grid=q4_k"]),
@@ -146,7 +146,8 @@ def speed(gguf: Path, reference: Path, tokens: int, tries: int = 2) -> tuple[flo
     return best[0], best[1]
 
 
-def build_table(out: Path, steps: int, eval_size: int, gen_tokens: int, threads: int, rows: list[str]) -> dict:
+def build_table(out: Path, steps: int, eval_size: int, gen_tokens: int, threads: int, rows: list[str],
+                skip_untrained: bool = False) -> dict:
     import shutil
 
     import torch
@@ -237,7 +238,9 @@ def build_table(out: Path, steps: int, eval_size: int, gen_tokens: int, threads:
                            ("depth15_bi", dict(depth=15), "depth 15/30, Block Influence"),
                            ("depth15_uniform", dict(depth=15, depth_score="uniform"), "depth 15/30, uniform"),
                            ("mlp50", dict(mlp=0.5, multiple_of=256), "MLP width 50% (1536 -> 768)"),
-                           ("hidden384", dict(hidden=0.3333334), "hidden channels 576 -> 384")):
+                           ("hidden378", dict(hidden=0.3333333), "hidden channels 576 -> 378 (42 x 9 heads)")):
+        if skip_untrained and row not in rows:
+            continue
         pruned, _ = P.prune(dense, spec(**kw), calib)
         pruned.eval()
         score(f"{label}, no training", pruned, count_params(pruned))
@@ -248,8 +251,9 @@ def build_table(out: Path, steps: int, eval_size: int, gen_tokens: int, threads:
         gc.collect()
 
     # unstructured, no retraining
-    for label, how, pattern in (("50% magnitude", "magnitude", "unstructured"), ("50% Wanda", "wanda", "unstructured"),
-                                ("2:4 Wanda", "wanda", "2:4"), ("2:4 magnitude", "magnitude", "2:4")):
+    unstructured = (("50% magnitude", "magnitude", "unstructured"), ("50% Wanda", "wanda", "unstructured"),
+                    ("2:4 Wanda", "wanda", "2:4"), ("2:4 magnitude", "magnitude", "2:4"))
+    for label, how, pattern in () if skip_untrained else unstructured:
         m = copy.deepcopy(dense)
         Masks(m, compute_masks(m, SimpleNamespace(score=how, pattern=pattern, sparsity=0.5), calib)).apply()
         score(f"{label}, no training", m, count_params(m),
@@ -258,10 +262,11 @@ def build_table(out: Path, steps: int, eval_size: int, gen_tokens: int, threads:
         gc.collect()
 
     # int4: PTQ vs QAT with distillation at the same budget
-    m = copy.deepcopy(dense)
-    backend = quantize_(m, QuantConfig(bits=4, group_size=32, backend="auto"))
-    score("int4 g32 PTQ (torch)", m, count_params(m), note=f"backend {backend}")
-    del m
+    if not skip_untrained:
+        m = copy.deepcopy(dense)
+        backend = quantize_(m, QuantConfig(bits=4, group_size=32, backend="auto"))
+        score("int4 g32 PTQ (torch)", m, count_params(m), note=f"backend {backend}")
+        del m
     if "qat_int4" in rows:
         m = recover("qat_int4", copy.deepcopy(dense), prepare=lambda model, r: Q.prepare(model, r.qat))
         score("int4 g32 QAT + KD (torch)", Q.convert(m), count_params(m))
@@ -272,7 +277,7 @@ def build_table(out: Path, steps: int, eval_size: int, gen_tokens: int, threads:
         m = recover("qat_q4k", copy.deepcopy(dense), prepare=lambda model, r: Q.prepare(model, r.qat))
         ggufs.append(("QAT on the Q4_K_M grid + KD, Q4_K_M (llama.cpp)", ship("qat_q4k", Q.convert(m))))
         del m
-    if "mlp50" in rows:
+    if (out / "mlp50" / "mlp50-Q4_K_M.gguf").is_file():
         ggufs.append(("final: MLP 50% + KD, Q4_K_M (llama.cpp)", out / "mlp50" / "mlp50-Q4_K_M.gguf"))
     shipped = teacher_gguf("embedded:smollm2-135m-instruct")
     if shipped is not None:
@@ -305,11 +310,13 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=16, help="held-out examples (64 tokens each)")
     ap.add_argument("--gen-tokens", type=int, default=48, help="tokens generated for the tokens/s column")
     ap.add_argument("--rows", nargs="*", default=list(RUNS), help="trained rows (the others are skipped)")
+    ap.add_argument("--skip-untrained", action="store_true",
+                    help="only the trained rows given in --rows and the GGUF rows (finishing an interrupted table)")
     ap.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads (1: the cores are shared)")
     args = ap.parse_args()
     started = time.time()
     result = build_table((ROOT / args.out).resolve(), args.steps, args.eval_size, args.gen_tokens, args.threads,
-                         args.rows)
+                         args.rows, args.skip_untrained)
     print(show(result["rows"]))
     record = {"benchmark": "compression_table", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
