@@ -96,3 +96,18 @@ def test_two_generations_end_to_end(tmp_path, monkeypatch):
     assert len(none) <= 10 and len(real) <= 10
     summary = mc.summarize([out])
     assert summary["keep real"][2]["ppl"]["mean"] == out["keep real"][2]["ppl"]
+
+
+def test_measure_counts_character_ngrams_of_the_samples():
+    from distil.data import build_examples
+    from distil.eval.collapse import measure
+    from distil.testing import char_tokenizer, tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    tok = char_tokenizer(add_bos=True)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok))).eval()
+    held = build_examples([{"text": "1+2=3"}], tok, 16, False, False, "t")
+    row, logp = measure(model, tok, held, ["abab", "ab"], pad_id=0, vocab=len(tok))
+    # character bigrams: ab ba ab | ab -> 2 unique of 4; unigrams: a b a b a b -> 2 of 6
+    assert row["distinct_2"] == 0.5 and row["distinct_1"] == pytest.approx(2 / 6)
+    assert row["kl_to_gen0"] == 0.0 and logp.shape[0] == 6  # '1+2=3' after BOS, then EOS: 6 targets

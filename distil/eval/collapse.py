@@ -8,7 +8,7 @@ on the same held-out REAL text and on its own samples:
   tail mass      (1/N) #{t : p(y_t) < eps}                       the real tokens the model has (nearly) ruled out;
                                                                  eps = 1e-4 as in the issue: the tails it forgot
   KL to gen 0    mean_t sum_v p0_t(v) log(p0_t(v) / p_t(v))       KL(generation 0 || generation g) on real text
-  distinct-n     |unique n-grams| / |n-grams| of its samples      (distil.eval.generation.distinct_n)
+  distinct-n     |unique n-grams| / |n-grams| of its samples      character n-grams (distinct_n)
   entropy        mean over sampled tokens of H(p_t) in nats       its own uncertainty along its own samples
 
 The formulas are plain functions of float64 log-probabilities (`token_logprobs` collects them), golden-tested in
@@ -144,9 +144,10 @@ def measure(model: Any, tok: Any, held_out: list[dict], samples: list[str], pad_
         "tail_mass": tail_mass(target, TAIL_EPS),
         "tail_mass_1e-2": tail_mass(target, 1e-2),
         "kl_to_gen0": kl_to_reference(ref_logp, logp) if ref_logp is not None else 0.0,
-        "distinct_1": distinct_n(texts, 1),
-        "distinct_2": distinct_n(texts, 2),
-        "distinct_4": distinct_n(texts, 4),
+        # character n-grams (one token per character here); distinct_n's default splits on whitespace
+        "distinct_1": distinct_n(texts, 1, tokenize=list),
+        "distinct_2": distinct_n(texts, 2, tokenize=list),
+        "distinct_4": distinct_n(texts, 4, tokenize=list),
         "sample_entropy": mean_entropy(s_logp) if s_logp is not None else float("nan"),
         "mean_sample_chars": sum(map(len, samples)) / max(len(samples), 1),
     }
