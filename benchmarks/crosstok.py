@@ -1,7 +1,8 @@
 """Distillation across tokenizers: Gemma-3-270M (262k-token SentencePiece vocabulary, BOS) teaching a depth-pruned
 SmolLM2 student (49k-token byte-level BPE, no BOS), four ways at the same budget.
 
-    nice -n 10 python benchmarks/crosstok.py            # the table of the README (~20 min on 2 busy cores)
+    nice -n 10 python benchmarks/crosstok.py --steps 10 --records 40 --prompts 8 --new-tokens 24 --seqkd-backend hf
+        # the README's table: 19 min on the shared 2-core machine at load 4-8 (the defaults below took longer)
     python benchmarks/crosstok.py --quick --teacher DIR --student DIR --layers 0,1   # a smoke run on tiny models
 
 Every row trains the same initial student (recipes/crosstok_gemma_to_smollm.yaml: SmolLM2-135M-Instruct cut to 10
