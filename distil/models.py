@@ -366,6 +366,26 @@ def student_from_teacher(teacher: Loaded, layers: list[int] | None) -> Loaded:
     return Loaded(student, teacher.tokenizer, "teacher", teacher.path)
 
 
+def random_like(model: Any, seed: int) -> Any:
+    """A fresh, seeded random initialisation of `model`'s architecture (its config), on its device and dtype, with the
+    same parameters trainable (frozen embeddings stay frozen); the global RNG state is left as it was. Born-Again's
+    random generations and mutual learning's random peers start here."""
+    from transformers import AutoModelForCausalLM
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        fresh = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    finally:
+        torch.random.set_rng_state(state)
+    first = next(model.parameters())
+    fresh.to(device=first.device, dtype=first.dtype)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in fresh.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+    return fresh
+
+
 def freeze(model: Any) -> Any:
     """Teachers are frozen: eval mode (no dropout) and no gradients."""
     model.eval()

@@ -38,6 +38,24 @@ def _recipe(tmp_path, tiny_teacher, name="o", onpolicy=None, distill=None, train
     return path
 
 
+def _kill_then_resume(monkeypatch, path, at):
+    """Run `path` as run 'k', interrupted at the crash point `at` (as kill -9 would), then `--resume` it."""
+    import distil.trainer
+
+    class Killed(BaseException):
+        pass
+
+    def crash(name):
+        if name == at:
+            raise Killed
+
+    monkeypatch.setattr(distil.trainer, "crash_point", crash)
+    with pytest.raises(Killed):
+        main(["run", str(path), "name=k"])
+    monkeypatch.undo()
+    assert main(["run", str(path), "name=k", "--resume"]) == 0
+
+
 def _rows(tmp_path, name):
     return [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
 
@@ -332,8 +350,6 @@ def test_llamacpp_student_samples_match_transformers_on_fresh_snapshots(tmp_path
 def test_llamacpp_student_snapshots_are_stale_between_exports_and_resume_reuses_them(tmp_path, tiny_teacher,
                                                                                       monkeypatch):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the [llamacpp] extra)")
-    import distil.trainer
-
     onpolicy = {"lmbda": 1.0, "loss": "sampled_reverse_kl", "student_backend": "llamacpp", "snapshot_every": 2}
     path = _recipe(tmp_path, tiny_teacher, onpolicy=onpolicy, train={"steps": 5, "save_every": 1})
     assert main(["run", str(path), "name=ref"]) == 0
@@ -341,18 +357,8 @@ def test_llamacpp_student_snapshots_are_stale_between_exports_and_resume_reuses_
     assert [r["snapshot_age"] for r in ref] == [0.0, 1.0, 0.0, 1.0, 0.0]
     assert ref[1]["ratio"] != pytest.approx(1.0, abs=1e-7)  # stale samples: the ratio corrects for them
 
-    class Killed(BaseException):
-        pass
-
-    def crash(name):
-        if name == "train:saved-3":  # the resumed run starts at step index 3, inside the block of step 2's snapshot
-            raise Killed
-
-    monkeypatch.setattr(distil.trainer, "crash_point", crash)
-    with pytest.raises(Killed):
-        main(["run", str(path), "name=k"])
-    monkeypatch.undo()
-    assert main(["run", str(path), "name=k", "--resume"]) == 0
+    # killed after step 3's checkpoint: the resumed run starts at step index 3, inside the block of step 2's snapshot
+    _kill_then_resume(monkeypatch, path, "train:saved-3")
     assert [r["loss"] for r in _rows(tmp_path, "k")] == [r["loss"] for r in ref]
 
 
@@ -394,26 +400,13 @@ def test_lmbda_draw_is_per_step_and_seeded(models):
 
 
 def test_resume_after_kill_gives_the_same_losses(tmp_path, tiny_teacher, monkeypatch):
-    import distil.trainer
-
     path = _recipe(tmp_path, tiny_teacher, onpolicy={"lmbda": 0.5, "seq_kd": True},
                    train={"steps": 5, "save_every": 2})
     assert main(["run", str(path), "name=ref"]) == 0
     ref = _rows(tmp_path, "ref")
     assert {r["student_samples"] for r in ref} == {0.0, 1.0}  # both sources occur in 5 steps
 
-    class Killed(BaseException):
-        pass
-
-    def crash(name):
-        if name == "train:step-3":
-            raise Killed
-
-    monkeypatch.setattr(distil.trainer, "crash_point", crash)
-    with pytest.raises(Killed):
-        main(["run", str(path), "name=k"])
-    monkeypatch.undo()
-    assert main(["run", str(path), "name=k", "--resume"]) == 0
+    _kill_then_resume(monkeypatch, path, "train:step-3")
     assert [r["loss"] for r in _rows(tmp_path, "k")] == [r["loss"] for r in ref]
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from distil.errors import DistilError
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable
 from distil.methods.offline import build_offline
+from distil.models import random_like
 from distil.options import option
 
 
@@ -82,20 +83,7 @@ def fresh_student(initial: nn.Module, init: str, seed: int) -> nn.Module:
     architecture with the same trainable parameters."""
     if init == "initial":
         return copy.deepcopy(initial)
-    from transformers import AutoModelForCausalLM
-
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(initial.config))
-    finally:
-        torch.random.set_rng_state(state)
-    first = next(initial.parameters())
-    model.to(device=first.device, dtype=first.dtype)
-    flags = {n: p.requires_grad for n, p in initial.named_parameters()}
-    for n, p in model.named_parameters():
-        p.requires_grad_(flags.get(n, True))
-    return model
+    return random_like(initial, seed)
 
 
 def stage(ctx: Context) -> Stage:

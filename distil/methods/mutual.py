@@ -33,6 +33,7 @@ from distil.errors import DistilError
 from distil.heads import shift
 from distil.losses import LossOutput, distillation_loss, hard_ce
 from distil.methods.contract import Context, Method, Phase, Stage, Trainable
+from distil.models import random_like
 from distil.options import option
 
 
@@ -76,19 +77,7 @@ def make_peer(student: torch.nn.Module, spec: MutualSpec, seed: int) -> torch.nn
     same trainable parameters (frozen embeddings stay frozen)."""
     g = torch.Generator().manual_seed(seed)
     if spec.peer_init == "random":
-        from transformers import AutoModelForCausalLM
-
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            peer = AutoModelForCausalLM.from_config(copy.deepcopy(student.config))
-        finally:
-            torch.random.set_rng_state(state)
-        peer.to(device=next(student.parameters()).device, dtype=next(student.parameters()).dtype)
-        flags = {n: p.requires_grad for n, p in student.named_parameters()}
-        for n, p in peer.named_parameters():
-            p.requires_grad_(flags.get(n, True))
-        return peer
+        return random_like(student, seed)
     peer = copy.deepcopy(student)
     with torch.no_grad():
         for p in peer.parameters():
