@@ -302,8 +302,11 @@ def export_student(recipe: Recipe, run_dir: Path, student_dir: Path | None, echo
         echo("llama-cpp-python is not installed: skipping the llama.cpp answers (pip install distil[llamacpp])")
         return Path(result.path)
     if spec.prompt:  # the student's answer and tokens/s, and the teacher's beside it when the teacher is a GGUF
-        echo(export_prompt_block(result.path, spec.quant, spec.prompt, spec.max_tokens, recipe.teacher.source,
-                                 recipe.train.threads or None)[0])
+        text, answers = export_prompt_block(result.path, spec.quant, spec.prompt, spec.max_tokens,
+                                            recipe.teacher.source, recipe.train.threads or None)
+        echo(text)
+        (run_dir / "export").mkdir(parents=True, exist_ok=True)  # recorded for report.html
+        write_atomic(run_dir / "export" / "answer.json", json.dumps(answers, indent=2))
     if held_out:
         from distil.eval.answers import format_answers
         from distil.generate import generate

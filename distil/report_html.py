@@ -186,9 +186,25 @@ def export_section(run_dir: Path, recipe: dict) -> str:
         out.append(f"<p>Ollama: <code>ollama create {_e(recipe.get('name', 'NAME'))} -f {_e(modelfile)}</code></p>"
                    f"<pre>{_e(modelfile.read_text(encoding='utf-8', errors='replace')[:2000])}</pre>")
     if spec.get("prompt"):
-        out.append(f"<p>export.prompt: <code>{_e(spec['prompt'])}</code>: llama.cpp's answer is printed by "
-                   "<code>distil run</code> (the run directory does not record it).</p>")
+        out.append(answer_section(run_dir, spec["prompt"]))
     return "\n".join(out)
+
+
+def answer_section(run_dir: Path, prompt: str) -> str:
+    """llama.cpp's answers to export.prompt (export/answer.json, written by the export stage): each row's text,
+    generation speed and file size."""
+    path = run_dir / "export" / "answer.json"
+    head = f"<p>llama.cpp&gt; <code>{_e(prompt)}</code></p>"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        answers = record["answers"]
+        rows = [[label, a.get("text", "").strip() or "(empty: the model ended its turn at once)",
+                 a.get("tokens_per_s") or "", a.get("bytes", 0) / 1e6] for label, a in answers.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return head + '<p class="missing">No readable export/answer.json: llama.cpp\'s answer was printed by ' \
+                      '<code>distil run</code> only (llama-cpp-python missing, or a run made before it was ' \
+                      'recorded).</p>'
+    return head + _table(["model", "answer", "tokens/s", "file (MB)"], rows)
 
 
 def write_page(run_dir: str | Path) -> Path:

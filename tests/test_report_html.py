@@ -96,3 +96,16 @@ def test_headless_chromium_renders_it(make_recipe, tmp_path):
     pixels = matplotlib.image.imread(str(shot))
     assert pixels.std() > 0.01  # not blank
     assert "CONSOLE" not in proc.stderr or "Uncaught" not in proc.stderr  # no console errors
+
+
+def test_the_export_stage_records_llamacpp_answer_and_the_page_shows_it(make_recipe):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the [llamacpp] extra)")
+    path = make_recipe(export={"enabled": True, "quant": "F32", "prompt": "hi", "max_tokens": 4})
+    assert main(["run", str(path)]) == 0
+    run = path.parent / "runs" / "t"
+    record = json.loads((run / "export" / "answer.json").read_text())
+    assert record["prompt"] == "hi" and list(record["answers"]) == ["F32 student"]
+    page = (run / "report.html").read_text()
+    assert "llama.cpp&gt; <code>hi</code>" in page and "<td>F32 student</td>" in page
+    (run / "export" / "answer.json").unlink()  # a run made before answers were recorded
+    assert "No readable export/answer.json" in write_page(run).read_text()
