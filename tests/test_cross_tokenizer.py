@@ -246,10 +246,11 @@ def test_cross_teacher_logp_scores_each_group_by_the_teachers_own_tokens(tmp_pat
     want[p + 3] = lp_t(6)  # 'c' <- 'c'
     want[p + 4:p + 6] += group_at / 2
     want[p + 6] = float(torch.logsumexp(logp[len(t_ids) - 1, stops], 0))  # EOS: the teacher stopping after 'at'
-    assert torch.allclose(got[0], want, rtol=1e-9, atol=1e-9)
+    # the teacher's log-probs come from fp32 forwards of different shapes (kernels sum in another order): fp32 precision
+    assert torch.allclose(got[0], want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[0, :p - 1], lp_s[0, :p - 1])  # the prompt: not scored (not targets)
     # the advantages of a group sum to its exact log-ratio
-    assert float((got[0, p - 1:p + 2] - lp_s[0, p - 1:p + 2]).sum()) == pytest.approx(group_the, rel=1e-9)
+    assert float((got[0, p - 1:p + 2] - lp_s[0, p - 1:p + 2]).sum()) == pytest.approx(group_the, rel=1e-5, abs=1e-5)
 
 
 def test_onpolicy_sampled_reverse_kl_runs_across_tokenizers(tmp_path, pair):

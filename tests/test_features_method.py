@@ -130,7 +130,9 @@ def test_first_step_matches_the_formula(tiny_teacher, tmp_path, attention, heads
               for b, t in targets]  # KL(teacher row || student row), 0 log 0 = 0
         attn += sum(kl) / len(kl) / 2
     assert row["feature"] == pytest.approx(feat, rel=1e-4)
-    assert row["attention"] == pytest.approx(attn, rel=1e-4)
+    # the run computes in fp32: a KL between nearly equal rows (~1e-5 here) loses digits to cancellation, so its
+    # relative error is ~eps32 / KL (3e-4 seen on generic kernels); a wrong formula is off by far more
+    assert row["attention"] == pytest.approx(attn, rel=2e-3)
     kd = distillation_loss(outs["s"].logits[:, :-1], outs["t"].logits[:, :-1], labels[:, 1:]).metrics["kd"]
     assert row["kd"] == pytest.approx(float(kd), rel=1e-4)
     assert row["loss"] == pytest.approx(row["kd"] + row["feature"] + 0.5 * row["attention"], rel=1e-5)
