@@ -70,7 +70,7 @@ def test_identical_logits_give_zero_kd_and_the_t_squared_factor():
     z = torch.tensor([[0.3, -2.0, 1.0, 0.0], [5.0, 1.0, 1.0, -1.0]], dtype=torch.float64)
     y = torch.tensor([2, 0])
     out = api.logit_loss(z, z.clone(), y, loss="kd", temperature=4.0, alpha=0.7)
-    assert float(out.metrics["kd"]) == pytest.approx(0.0, abs=1e-7)
+    assert float(out.metrics["kd"]) == 0.0  # the same numbers through the same operations: exactly zero on any CPU
     assert float(out.loss) == pytest.approx(0.3 * float(_hinton64(z, z, y, 1.0, 0.0)[2].mean()), rel=1e-5)
     # the same KL at T=2 and T=8, scaled by T^2: kd / T^2 is the plain KL of the softened distributions
     zt = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]], dtype=torch.float64)
