@@ -347,6 +347,18 @@ def test_llamacpp_student_samples_match_transformers_on_fresh_snapshots(tmp_path
     assert len(list((tmp_path / "runs" / "lc" / "snapshots").glob("*.gguf"))) == 1  # the newest snapshot only
 
 
+def test_llamacpp_student_backend_without_the_bindings_is_one_line_at_validation(tmp_path, tiny_teacher, capsys,
+                                                                                    monkeypatch):
+    from distil.generation import llamacpp
+
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    path = _recipe(tmp_path, tiny_teacher, onpolicy={"lmbda": 1.0, "student_backend": "llamacpp"})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "onpolicy.student_backend: llamacpp: llama-cpp-python is not installed" in err
+    assert not (tmp_path / "runs").exists()  # refused at validation: nothing written
+
+
 def test_llamacpp_student_snapshots_are_stale_between_exports_and_resume_reuses_them(tmp_path, tiny_teacher,
                                                                                       monkeypatch):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the [llamacpp] extra)")

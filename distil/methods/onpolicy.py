@@ -522,6 +522,11 @@ def prepare(ctx: Context) -> list[int] | None:
 def check(recipe: Any, where: str) -> None:
     """Cross-key checks, at validation (before any model is loaded)."""
     spec = recipe.onpolicy
+    if spec.student_backend == "llamacpp" and spec.lmbda > 0:
+        from distil.generation.llamacpp import INSTALL, available
+
+        if not available():  # refused before anything is loaded or written, not at the first on-policy step
+            raise DistilError(f"{where}: onpolicy.student_backend: llamacpp: {INSTALL}")
     if spec.loss == ESTIMATOR:
         if spec.lmbda != 1:
             raise DistilError(f"{where}: onpolicy.lmbda: the sampled_reverse_kl estimator learns from the student's "
