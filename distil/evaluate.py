@@ -102,6 +102,11 @@ def evaluate_target(target: str, overrides: list[str], student_dir: str | None =
                     old_gen["task"].get("name") == generation["task"]["name"]:
                 generation["task"]["rows"] = {**(old_gen["task"].get("rows") or {}), **generation["task"]["rows"]}
     if run_dir is not None:
+        if trained_dir is not None:  # report.html's dark-knowledge panels, refreshed like the numbers (two forwards)
+            from distil.eval.inspect import write_dark_knowledge
+
+            write_dark_knowledge(run_dir, recipe, teacher.model if shared else None, trained.model, initial.tokenizer,
+                                 eval_ex, vocab, row=f"student ({recipe.distill.method})")
         write_report(run_dir, recipe, results, params, table, generation)
     blocks = [b for b in (format_answers(generation), format_task(generation)) if b]
     return "\n".join([table, *blocks])

@@ -273,10 +273,15 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
             for block in (format_answers(generation), format_task(generation)):
                 if block:
                     echo(block)
+        from distil.eval.inspect import write_dark_knowledge  # report.html's panels: one forward of each model
+
+        write_dark_knowledge(run_dir, recipe, teacher_model if shared else None, final, student.tokenizer, held_out,
+                             vocab, row=f"student ({method.name})")
         write_report(run_dir, recipe, results, params, table, generation, page=False)
     if recipe.export.enabled:
         export_student(recipe, run_dir, student_dir, echo, generation)
-    write_page(run_dir)  # report.html: curves, eval, export; after the export, so it can show it
+    if recipe.output.report_html:
+        write_page(run_dir)  # report.html: curves, eval, export; after the export, so it can show it
     return RunResult(run_dir=run_dir, eval=results, student_dir=student_dir, table=table)
 
 
@@ -340,5 +345,5 @@ def write_report(run_dir: Path, recipe: Recipe, results: dict, params: dict, tab
                  f"# {recipe.name}\n\n{stamp}. Method `{recipe.distill.method}`, loss `{recipe.distill.loss}`, "
                  f"{recipe.train.steps} steps.\n\n```\n{table}\n```\n"
                  + "".join(f"\n```\n{b}\n```\n" for b in blocks))
-    if page:
+    if page and recipe.output.report_html:
         write_page(run_dir)

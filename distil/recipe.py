@@ -147,6 +147,12 @@ class EvalSpec:
     diversity_warn: float = _f(0.5, "Mode/diversity collapse: with eval.samples > 1, warn in the report when a "
                                "student's distinct-2 falls below this fraction of the teacher's (0 = never).",
                                ge=0.0, le=1.0)
+    dark_knowledge: int = _f(4, "Dark-knowledge panels in report.html: at eval time, this many positions of the "
+                             "first held-out example (where teacher and student disagree most, and the teacher's most "
+                             "uncertain one) get both models' top-k soft targets at T = 1 and 2, entropy, mass outside "
+                             "the top-1 and KL(teacher || student), saved in <run dir>/dark_knowledge.json (one "
+                             "forward of each model; 0 = off; needs a teacher with the student's vocabulary).",
+                             ge=0, le=32)
 
 
 @dataclass
@@ -155,6 +161,8 @@ class OutputSpec:
 
     dir: str = _f("runs", "Parent directory of run directories (runs/<name>/).")
     save_student: bool = _f(True, "Save the final student as a Hugging Face directory (runs/<name>/student).")
+    report_html: bool = _f(True, "Write report.html (the run report as one offline page: curves, eval, dark "
+                           "knowledge, export) beside report.md at the end of the run and after `distil eval`.")
 
 
 @dataclass

@@ -127,3 +127,31 @@ def most_disagreeing(kl: torch.Tensor, differs: torch.Tensor, n: int = 5) -> lis
     ties (then the earlier position)."""
     order = sorted(range(kl.shape[0]), key=lambda i: (-float(kl[i]), not bool(differs[i]), i))
     return order[:n]
+
+
+def choose_panels(kl: torch.Tensor, differs: torch.Tensor, teacher_entropy: torch.Tensor, candidates: list[int],
+                  n: int) -> list[tuple[int, list[str]]]:
+    """The n positions (among `candidates`) a run's report shows, each with why it was chosen, in text order.
+
+    Deterministic: the n - 1 positions where teacher and student disagree most (most_disagreeing: the largest
+    KL(teacher || student) at T = 1, a different argmax breaking ties), plus the position where the teacher is
+    most uncertain (the largest entropy at T = 1, the earlier position on ties): where its non-argmax
+    probabilities carry the most. With n = 1, only the most disagreeing one; when the most uncertain position is
+    already among the disagreeing ones, the next most disagreeing position takes its place."""
+    if n < 1 or not candidates:
+        return []
+    idx = torch.tensor(candidates)
+    ranked = [candidates[j] for j in most_disagreeing(kl[idx], differs[idx], len(candidates))]
+    ent = [float(teacher_entropy[i]) for i in candidates]
+    uncertain = candidates[max(range(len(candidates)), key=lambda j: (ent[j], -j))]
+    why: dict[int, list[str]] = {}
+    for rank, i in enumerate(ranked[:max(n - 1, 1)]):
+        why[i] = [f"disagree most #{rank + 1}"]
+    if n > 1:
+        why.setdefault(uncertain, []).append("teacher most uncertain")
+        for rank, i in enumerate(ranked):  # fill up when `uncertain` was one of the n - 1 already
+            if len(why) >= n:
+                break
+            if i not in why:
+                why[i] = [f"disagree most #{rank + 1}"]
+    return sorted(why.items())

@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 
 from distil.errors import DistilError
-from distil.eval.diagnostics import PositionView, disagreement, entropy, inspect_positions, most_disagreeing, \
-    tempered_softmax
+from distil.eval.diagnostics import PositionView, choose_panels, disagreement, entropy, inspect_positions, \
+    most_disagreeing, tempered_softmax
 
 DEFAULT_SHOWN = 32  # positions shown when --positions is not given (all of a short text)
 
@@ -232,3 +232,88 @@ def inspect_target(target: str, text: str, *, positions: str | None = None, temp
     if png:
         table += f"\nwrote {draw_inspection(ins, tok, png)}"
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# report.html's dark-knowledge panels: a few held-out positions of a finished run, computed at eval time
+
+DK_FILE = "dark_knowledge.json"
+DK_TEMPERATURES = (1.0, 2.0)
+DK_TOP_K = 5
+DK_CONTEXT = 32  # tokens of context shown before each position
+
+
+def target_positions(example: dict) -> list[int]:
+    """Positions i whose next token i + 1 is a target (labels[i + 1] is not ignored): the positions the training
+    loss and the eval metrics score (the response of a prompt/response record, every token of plain text)."""
+    from distil.data import IGNORE
+
+    labels = example.get("labels") or []
+    return [i for i in range(len(labels) - 1) if labels[i + 1] != IGNORE]
+
+
+def _soft(st: Any, tok: Any) -> dict:
+    return {"T": st.temperature, "ids": st.ids, "tokens": [tok.decode([i]) for i in st.ids], "probs": st.probs,
+            "entropy": st.entropy, "outside_top1": st.outside_top1}
+
+
+def held_out_dark_knowledge(teacher: Any, student: Any, tok: Any, examples: list[dict], n: int, vocab: int, *,
+                            k: int = DK_TOP_K, temperatures: tuple[float, ...] = DK_TEMPERATURES) -> dict | None:
+    """The dark-knowledge record of report.html: on the first held-out example with target tokens, one forward of
+    each model, then `n` of its target positions (diagnostics.choose_panels: the n - 1 where teacher and student
+    disagree most, plus the teacher's most uncertain one) with both models' top-k soft targets, entropy and mass
+    outside the top-1 at every temperature, KL(teacher || student) and p(the actual next token). All numbers from
+    diagnostics.py (float64, from the models' float32 logits); tokens decoded. None when there is nothing to show
+    (n = 0, no held-out example with targets)."""
+    found = next(((j, ex) for j, ex in enumerate(examples) if target_positions(ex)), None)
+    if n < 1 or found is None:
+        return None
+    index, example = found
+    ids = list(example["input_ids"])
+    candidates = target_positions(example)
+    logits = {"teacher": model_logits(teacher, ids, vocab), "student": model_logits(student, ids, vocab)}
+    kl, differs = disagreement(logits["teacher"], logits["student"])
+    chosen = choose_panels(kl, differs, entropy(tempered_softmax(logits["teacher"])), candidates, n)
+    views = inspect_positions(ids, logits, [i for i, _ in chosen], list(temperatures), k)
+    positions = []
+    for (i, why), view in zip(chosen, views):
+        start = max(0, i + 1 - DK_CONTEXT)
+        nxt = view.next_token
+        entry = {"position": i, "why": why, "context": ("…" if start else "") + tok.decode(ids[start:i + 1]),
+                 "token": tok.decode([view.token]), "next": None if nxt is None else tok.decode([nxt]),
+                 "next_id": nxt, "argmax_differs": view.argmax_differs,
+                 "kl": [view.kl[t] for t in temperatures]}
+        for name in ("teacher", "student"):
+            entry[name] = [_soft(st, tok) for st in view.models[name]]
+            if nxt is not None:  # how much each model gives the token that actually follows, at T = 1
+                entry[f"{name}_p_next"] = float(tempered_softmax(logits[name][i])[nxt])
+        # the bar figure: the student's probabilities on the teacher's top-k tokens, per temperature
+        entry["student_on_teacher_top"] = [[float(tempered_softmax(logits["student"][i], st.temperature)[v])
+                                            for v in st.ids] for st in view.models["teacher"]]
+        positions.append(entry)
+    idx = torch.tensor(candidates)
+    return {"format": 1, "example": index, "example_tokens": len(ids), "target_positions": len(candidates),
+            "temperatures": list(temperatures), "top_k": k, "mean_kl": float(kl[idx].mean()),
+            "argmax_differs": int(differs[idx].sum()), "positions": positions}
+
+
+def write_dark_knowledge(run_dir: str | Path, recipe: Any, teacher: Any, student: Any, tok: Any,
+                         examples: list[dict], vocab: int, row: str = "student") -> Path | None:
+    """`<run_dir>/dark_knowledge.json` (atomically) for report.html, at eval time of `distil run` and
+    `distil eval`. Writes nothing when eval.dark_knowledge is 0 or there is no teacher sharing the student's
+    vocabulary (`teacher` None: the caller passes None across tokenizers, where the teacher cannot score the
+    student's tokens); the page then says why the panels are missing. Returns the path written, or None."""
+    import json
+
+    from distil.atomic import write_atomic
+
+    n = recipe.eval.dark_knowledge
+    if not n or teacher is None or student is None:
+        return None
+    record = held_out_dark_knowledge(teacher, student, tok, examples, n, vocab)
+    if record is None:
+        return None
+    record = {"teacher": recipe.teacher.source, "student": row, **record}
+    path = Path(run_dir) / DK_FILE
+    write_atomic(path, json.dumps(record, indent=1, ensure_ascii=False))
+    return path
