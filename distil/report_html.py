@@ -3,7 +3,9 @@
 Read from the run directory, never from memory, so any run directory (finished, stopped, evaluated again) can be
 drawn: the training curves of every phase (metrics.jsonl: the loss and its named terms such as kd/ce, the
 learning rate, the gradient norm), the eval table (eval.json), the answers, the task's pass@k curves and
-distinct-n with the mode/diversity-collapse warnings, and the export (GGUF files and their sizes, the Modelfile).
+distinct-n with the mode/diversity-collapse warnings, the dark-knowledge panels (dark_knowledge.json, written at
+eval time: a few held-out positions with the teacher's and the student's top-k soft targets), and the export
+(GGUF files and their sizes, the Modelfile).
 Images are matplotlib PNGs embedded as base64 data URIs; no script, no stylesheet or font from anywhere else.
 What is missing is said on the page instead of failing (a run without metrics.jsonl, without eval.json).
 """
@@ -22,7 +24,8 @@ from distil.atomic import write_atomic
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}.missing{color:#a60}.warning{color:#b00;font-weight:bold}
-img{max-width:100%}pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap}"""
+img{max-width:100%}pre{background:#f6f6f6;padding:.5em;white-space:pre-wrap}
+td.tok{text-align:left;font-family:monospace}code.ctx{background:#f6f6f6;white-space:pre-wrap}"""
 CURVE_KEYS = ("tokens", "tokens_per_s", "elapsed_s", "lr", "grad_norm")  # not loss terms
 
 
@@ -169,6 +172,110 @@ def task_section(task: dict) -> str:
     return "\n".join(out)
 
 
+def _tok(s: Any) -> str:
+    """A token as the page shows it: repr (whitespace and newlines visible), at most 24 characters."""
+    text = repr(s) if isinstance(s, str) else "(end)"
+    return text if len(text) <= 24 else text[:23] + "…"
+
+
+def _dk_missing(recipe: dict) -> str:
+    """One line saying why a run directory has no dark_knowledge.json."""
+    ev = recipe.get("eval") or {}
+    if not recipe:
+        why = "no readable recipe.yaml either"
+    elif ev.get("enabled") is False:
+        why = "eval.enabled was off; the panels are computed at eval time"
+    elif ev.get("dark_knowledge") == 0:
+        why = "eval.dark_knowledge: 0 switched them off"
+    elif not (recipe.get("teacher") or {}).get("source"):
+        why = "the run has no teacher"
+    else:
+        why = ("the teacher and the student do not share a vocabulary, the run stopped before its evaluation, or "
+               "it was made before the panels existed; <code>distil eval RUN_DIR</code> writes them")
+    return f'<p class="missing">No dark_knowledge.json in this run directory: no dark-knowledge panels ({why}).</p>'
+
+
+def dark_knowledge_section(run_dir: Path, recipe: dict) -> str:
+    """dark_knowledge.json (distil/eval/inspect.py: write_dark_knowledge) as one table per held-out position
+    (context -> next token; per model and temperature the entropy, the mass outside the top-1 and the top-k soft
+    targets; KL(teacher || student)) and one figure: per position, the teacher's and the student's probability
+    of each of the teacher's top-k tokens at T = 1."""
+    head = "<h2 id=\"dark-knowledge\">Dark knowledge</h2>"
+    path = run_dir / "dark_knowledge.json"
+    if not path.is_file():
+        return head + _dk_missing(recipe)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        positions = record["positions"]
+        temps = [float(t) for t in record["temperatures"]]
+        for p in positions:
+            for name in ("teacher", "student"):
+                assert len(p[name]) == len(temps) and all(len(st["tokens"]) == len(st["probs"]) for st in p[name])
+            assert len(p["kl"]) == len(temps) and len(p["student_on_teacher_top"]) == len(temps)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+        return head + '<p class="missing">dark_knowledge.json is not a readable dark-knowledge record: no panels.</p>'
+    student = record.get("student", "student")
+    out = [head, f"<p>Teacher <code>{_e(record.get('teacher', '?'))}</code> vs {_e(student)} on "
+                 f"{len(positions)} position(s) of held-out example {_e(record.get('example', '?'))} "
+                 f"({_e(record.get('example_tokens', '?'))} tokens, {_e(record.get('target_positions', '?'))} target "
+                 f"positions; over those, mean KL(teacher&#8214;student) at T=1 "
+                 f"{float(record.get('mean_kl', float('nan'))):.4f} nats, a different argmax at "
+                 f"{_e(record.get('argmax_differs', '?'))}). Position i is after reading token i: its soft targets "
+                 f"predict token i + 1. The teacher's probability outside its top-1 (1-top1) is the dark knowledge "
+                 f"a student learns from soft targets.</p>"]
+    if positions:
+        out.append(_dk_figure(positions, temps))
+    for p in positions:
+        nxt = _tok(p.get("next"))
+        context = str(p.get("context", "")).replace("\n", "\u23ce")  # a newline shown as one, in the heading
+        out.append(f"<h3>position {_e(p['position'])}: <code class=\"ctx\">{_e(context)}</code> "
+                   f"&rarr; <code>{_e(nxt)}</code> <small>({_e('; '.join(p.get('why') or []))})</small></h3>")
+        rows = []
+        for name in ("teacher", "student"):
+            for st in p[name]:
+                targets = "&nbsp; ".join(f"{_e(_tok(t))}&nbsp;{pr:.3f}" for t, pr in zip(st["tokens"], st["probs"]))
+                rows.append(f"<tr><td>{_e(name)}</td><td>{st['T']:g}</td><td>{st['entropy']:.4f}</td>"
+                            f"<td>{st['outside_top1']:.4f}</td><td class=\"tok\">{targets}</td></tr>")
+        out.append("<table><tr><th>model</th><th>T</th><th>entropy (nats)</th><th>1-top1</th>"
+                   f"<th>top-{len(p['teacher'][0]['ids'])} soft targets</th></tr>" + "".join(rows) + "</table>")
+        kls = ", ".join(f"T={t:g}: {x:.4f}" for t, x in zip(temps, p["kl"]))
+        pn = "" if p.get("teacher_p_next") is None else \
+            (f"; p({_e(nxt)}): teacher {p['teacher_p_next']:.3f}, student {p.get('student_p_next', float('nan')):.3f}")
+        out.append(f"<p>KL(teacher&#8214;student) {kls}"
+                   + ("; <b>argmax differs</b>" if p.get("argmax_differs") else "; same argmax") + pn + "</p>")
+    return "\n".join(out)
+
+
+def _mpl_text(s: str) -> str:
+    return s.replace("$", r"\$")  # a literal dollar, not matplotlib's mathtext
+
+
+def _dk_figure(positions: list[dict], temps: list[float], cols: int = 4) -> str:
+    """Per position, bars of the teacher's and the student's probability of the teacher's top-k tokens at T = 1
+    (the first temperature)."""
+    plt = _plt()
+    rows = (len(positions) + cols - 1) // cols
+    ncols = min(cols, len(positions))
+    fig, axes = plt.subplots(rows, ncols, figsize=(3.3 * ncols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat[len(positions):]:
+        ax.axis("off")
+    for ax, p in zip(axes.flat, positions):
+        teacher = p["teacher"][0]
+        xs = range(len(teacher["ids"]))
+        ax.bar([x - 0.2 for x in xs], teacher["probs"], 0.4, label="teacher")
+        ax.bar([x + 0.2 for x in xs], p["student_on_teacher_top"][0], 0.4, label="student", hatch="//")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([_mpl_text(_tok(t)[:12]) for t in teacher["tokens"]], rotation=35, fontsize=7)
+        ax.set_ylim(0, min(1.0, 1.15 * max([*teacher["probs"], *p["student_on_teacher_top"][0], 1e-6])))
+        ax.set_title(_mpl_text(f"pos {p['position']} -> {_tok(p.get('next'))[:14]}  KL {p['kl'][0]:.3g}"),
+                     fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"teacher's top-{len(positions[0]['teacher'][0]['ids'])} tokens at T={temps[0]:g}: "
+                 f"teacher vs student probability", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def export_section(run_dir: Path, recipe: dict) -> str:
     spec = recipe.get("export") or {}
     if not spec.get("enabled"):
@@ -232,7 +339,7 @@ def write_page(run_dir: str | Path) -> Path:
                f"{_e(train.get('steps', '?'))} steps.</p>") if recipe else \
         '<p class="missing">No readable recipe.yaml in this run directory.</p>'
     body = [f"<h1>{_e(name)}</h1>", summary, training_section(run_dir), eval_section(record),
-            export_section(run_dir, recipe)]
+            dark_knowledge_section(run_dir, recipe), export_section(run_dir, recipe)]
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(name)}: distil run report'
             f"</title><style>{STYLE}</style></head><body>\n" + "\n".join(b for b in body if b) + "\n</body></html>\n")
     write_atomic(run_dir / "report.html", page)

@@ -1,5 +1,6 @@
-"""report.html: every run writes one self-contained page (curves, eval table, pass@k and diversity, export);
-what a run directory lacks is said on the page; in headless Chromium it renders (skipped without chromium)."""
+"""report.html: every run writes one self-contained page (curves, eval table, pass@k and diversity, dark knowledge,
+export); what a run directory lacks is said on the page; in headless Chromium it renders (skipped without
+chromium). The dark-knowledge section's own numbers: tests/test_dark_knowledge_report.py."""
 
 import base64
 import io
@@ -43,8 +44,8 @@ def test_a_run_writes_the_page_with_every_section(make_recipe):
     for heading in ("<h1>t</h1>", "<h2>Training</h2>", "<h3>main phase", "<h3>hard_labels", "<h2>Evaluation</h2>",
                     "<h3>Task sum3 (2 eval questions, 3 sample(s) each)</h3>"):
         assert heading in page, heading
-    # 2 training figures (offline, hard_labels) + the pass@k / diversity figure
-    assert _images(page) == 3
+    # 2 training figures (offline, hard_labels) + the pass@k / diversity figure + the dark-knowledge figure
+    assert _images(page) == 4 and '<h2 id="dark-knowledge">Dark knowledge</h2>' in page
     record = json.loads((run / "eval.json").read_text())
     for row, m in record["results"].items():
         assert f"<td>{row}</td>" in page and f"<td>{m['ppl']:.4g}</td>" in page
@@ -80,22 +81,46 @@ def test_export_section_lists_the_gguf(tmp_path):
     assert "<td>x-Q4_K_M.gguf</td><td>Q4_K_M</td><td>2.5</td>" in page and "FROM ./x-Q4_K_M.gguf" in page
 
 
+def _chromium(uri, *args):
+    return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--enable-logging=stderr", "--v=0", *args, uri], capture_output=True, text=True,
+                          timeout=120)
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="Debian's chromium is not installed (apt-get install chromium): no headless rendering")
 def test_headless_chromium_renders_it(make_recipe, tmp_path):
-    path = make_recipe(eval={"enabled": True})
-    assert main(["run", str(path)]) == 0
-    page = path.parent / "runs" / "t" / "report.html"
-    shot = tmp_path / "shot.png"
-    proc = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--enable-logging=stderr", "--v=0", "--window-size=1200,1600",
-                           f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert shot.is_file(), proc.stderr[-2000:]
+    """As a person would look at it: the page (and its dark-knowledge section alone) rendered in headless Chromium,
+    screenshots not blank, no console message at all (an error, a refused resource, a script)."""
     import matplotlib.image
 
-    pixels = matplotlib.image.imread(str(shot))
-    assert pixels.std() > 0.01  # not blank
-    assert "CONSOLE" not in proc.stderr or "Uncaught" not in proc.stderr  # no console errors
+    path = make_recipe(eval={"enabled": True})
+    assert main(["run", str(path)]) == 0
+    run = path.parent / "runs" / "t"
+    page = run / "report.html"
+    assert (run / "dark_knowledge.json").is_file()
+    shot = tmp_path / "shot.png"
+    proc = _chromium(page.as_uri(), "--window-size=1200,1600", f"--screenshot={shot}")
+    assert shot.is_file(), proc.stderr[-2000:]
+    assert matplotlib.image.imread(str(shot)).std() > 0.01  # not blank
+    assert not re.search(r"CONSOLE[:(]", proc.stderr), proc.stderr[-2000:]  # no console errors
+    # the browser's DOM holds the dark-knowledge section: its heading, a table per position (4 by default), and its
+    # figure (the 2nd image: the training curves come first) decoded by the browser (naturalWidth is not in the DOM;
+    # the screenshot below shows it)
+    dom = _chromium(page.as_uri(), "--dump-dom").stdout
+    section = dom.split('<h2 id="dark-knowledge">Dark knowledge</h2>')[1]
+    assert section.count("<h3>position ") == 4 and section.count('<img alt="plot"') == 1
+    # the section alone (recipe.yaml + dark_knowledge.json): it fills the screenshot below the two missing lines
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("recipe.yaml", "dark_knowledge.json"):
+        (alone / name).write_bytes((run / name).read_bytes())
+    shot2 = tmp_path / "dk.png"
+    proc = _chromium(write_page(alone).as_uri(), "--window-size=1200,1600", f"--screenshot={shot2}")
+    assert shot2.is_file() and not re.search(r"CONSOLE[:(]", proc.stderr), proc.stderr[-2000:]
+    pixels = matplotlib.image.imread(str(shot2))
+    assert pixels[400:1000].std() > 0.05  # the figure and the first tables, drawn (not a blank band)
+    assert (pixels[400:1000, :, :3] < 0.5).mean() > 0.005  # with ink on it
 
 
 def test_the_export_stage_records_llamacpp_answer_and_the_page_shows_it(make_recipe):
