@@ -256,7 +256,7 @@ def _dk_figure(positions: list[dict], temps: list[float], cols: int = 4) -> str:
     plt = _plt()
     rows = (len(positions) + cols - 1) // cols
     ncols = min(cols, len(positions))
-    fig, axes = plt.subplots(rows, ncols, figsize=(3.3 * ncols, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, ncols, figsize=(3.4 * ncols, 3.1 * rows), squeeze=False)
     for ax in axes.flat[len(positions):]:
         ax.axis("off")
     for ax, p in zip(axes.flat, positions):
@@ -265,7 +265,7 @@ def _dk_figure(positions: list[dict], temps: list[float], cols: int = 4) -> str:
         ax.bar([x - 0.2 for x in xs], teacher["probs"], 0.4, label="teacher")
         ax.bar([x + 0.2 for x in xs], p["student_on_teacher_top"][0], 0.4, label="student", hatch="//")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([_mpl_text(_tok(t)[:12]) for t in teacher["tokens"]], rotation=35, fontsize=7)
+        ax.set_xticklabels([_mpl_text(_tok(t)[:12]) for t in teacher["tokens"]], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, min(1.0, 1.15 * max([*teacher["probs"], *p["student_on_teacher_top"][0], 1e-6])))
         ax.set_title(_mpl_text(f"pos {p['position']} -> {_tok(p.get('next'))[:14]}  KL {p['kl'][0]:.3g}"),
                      fontsize=8)

@@ -240,7 +240,7 @@ def inspect_target(target: str, text: str, *, positions: str | None = None, temp
 DK_FILE = "dark_knowledge.json"
 DK_TEMPERATURES = (1.0, 2.0)
 DK_TOP_K = 5
-DK_CONTEXT = 32  # tokens of context shown before each position
+DK_CONTEXT = 16  # tokens of context shown up to each position (the heading of its table)
 
 
 def target_positions(example: dict) -> list[int]:
