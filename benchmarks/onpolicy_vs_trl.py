@@ -41,7 +41,10 @@ own overhead (for distil that includes both heads and the JSD; for TRL the dense
 Eval KL = mean KL(p_T || p_S) per token (full vocabulary) on the held-out examples' responses (teacher-forced),
 computed for every student in one pass (distil.eval.metrics.evaluate).
 All rows run back to back in one process: distil, trl per configuration; with --repeats 2 (the default) again
-in reverse order with fresh students; tokens/s pools the passes, eval KL is the first pass's students.
+in reverse order with fresh students; tokens/s pools the passes. Each pass draws its own samples (distil: an
+onpolicy.seed whose lmbda draws equal the first pass's, so the same steps generate; TRL: its seed = the pass
+index), so the passes also measure how much the eval KL moves with the samples alone: eval KL is the mean over
+the passes' students, with each pass's value beside it.
 """
 
 from __future__ import annotations
@@ -128,6 +131,19 @@ def balanced_seed(lmbdas: list[float], steps: int, uniform) -> int:
     return 0
 
 
+def twin_seeds(base: int, lmbdas: list[float], steps: int, uniform, n: int) -> list[int]:
+    """base and the next n - 1 seeds whose per-step draws equal base's for every lmbda: the same steps generate,
+    from different samples (a pass's samples are its own; the kind of work per step stays the same)."""
+    draws = lambda s: [[uniform(s, k) < lm for k in range(steps)] for lm in lmbdas]  # noqa: E731
+    want, out = draws(base), [base]
+    cand = base + 1
+    while len(out) < n:
+        if draws(cand) == want:
+            out.append(cand)
+        cand += 1
+    return out
+
+
 def step_times(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
@@ -182,7 +198,8 @@ def run_distil(student, teacher, recipe, on_spec, train_ex, eos, pad, vocab, run
     return [0.0] + [r["elapsed_s"] for r in rows], steps, [r["loss"] for r in rows]
 
 
-def run_trl(student, teacher, tok, stream, spec, seed, pad, lmbda, draws, max_new_tokens, out_dir, clock):
+def run_trl(student, teacher, tok, stream, spec, seed, pad, lmbda, draws, max_new_tokens, out_dir, clock,
+            generated_denominator=False):
     import datasets
     from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
@@ -211,6 +228,8 @@ def run_trl(student, teacher, tok, stream, spec, seed, pad, lmbda, draws, max_ne
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             clock.tokens += int((inputs["labels"][:, 1:] != -100).sum())  # the targets this micro-batch trains on
+            if generated_denominator:  # the diagnostic row: divide by the targets this step really trains on
+                num_items_in_batch = (inputs["labels"][:, 1:] != -100).sum()
             if num_items_in_batch is not None:
                 clock.items += int(num_items_in_batch)  # TRL's denominator (counted on the dataset's labels)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -274,8 +293,14 @@ def main() -> int:
                         "on-policy steps among the measured ones (2..N) closest to lmbda, for every lmbda")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="passes over the rows (2: forward then reversed order)")
+    p.add_argument("--trl-generated-denominator", action="store_true",
+                   help="add a diagnostic row per lmbda: TRL with its loss divided by the completion tokens it trains "
+                        "on (stock TRL divides on-policy steps by the dataset's response tokens, counted before the "
+                        "batch is replaced by the student's samples); needs --grad-accum 1")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/onpolicy_vs_trl.json"))
     args = p.parse_args()
+    if args.trl_generated_denominator and args.grad_accum != 1:
+        p.error("--trl-generated-denominator counts one micro-batch's targets: use it with --grad-accum 1")
     torch.set_num_threads(args.threads)
     import transformers
 
@@ -294,9 +319,10 @@ def main() -> int:
 
     lmbdas = [float(x) for x in args.lmbdas.split(",")]
     seed = args.onpolicy_seed if args.onpolicy_seed >= 0 else balanced_seed(lmbdas, args.steps, _uniform)
+    seeds = twin_seeds(seed, lmbdas, args.steps, _uniform, args.repeats)  # pass r samples from seeds[r] (TRL: r)
     work = Path(tempfile.mkdtemp(prefix="distil-bench-onpolicy-"))
 
-    def recipe_for(lmbda: float):
+    def recipe_for(lmbda: float, seed: int):
         return recipe_from_dict({
             "name": "bench", "seed": 0, "teacher": {"source": TEACHER},
             "student": {"source": "teacher", "layers": LAYERS},
@@ -310,8 +336,8 @@ def main() -> int:
             "output": {"dir": str(work)},
         }, "benchmark")
 
-    recipes = {lm: recipe_for(lm) for lm in lmbdas}
-    r0 = recipes[lmbdas[0]]
+    recipes = {(lm, r): recipe_for(lm, seeds[r]) for lm in lmbdas for r in range(args.repeats)}
+    r0 = recipes[(lmbdas[0], 0)]
     spec = r0.train
     teacher = load_model(TEACHER)
     freeze(teacher.model)
@@ -326,7 +352,8 @@ def main() -> int:
     stream = [e for i in range(n_micro) for e in micro_batch(train_ex, i, args.batch_size, r0.seed)]
     print(f"teacher {count_params(teacher.model) / 1e6:.1f}M, student {count_params(init) / 1e6:.1f}M params; "
           f"{args.steps} steps x {args.grad_accum} x {args.batch_size} prompts ({len(train_ex)} distinct), "
-          f"max_new_tokens {args.max_new_tokens}, EOS {eos}, onpolicy.seed {seed}; torch threads {args.threads}",
+          f"max_new_tokens {args.max_new_tokens}, EOS {eos}, onpolicy.seed {seeds} (one per pass; TRL: seed = pass "
+          f"index); torch threads {args.threads}",
           flush=True)
     clock = PhaseClock(teacher.model)
 
@@ -337,29 +364,30 @@ def main() -> int:
             q.requires_grad_(True)
         return s
 
-    def run_row(fw: str, lmbda: float, tag: str):
-        student = fresh()
-        rec = recipes[lmbda]
+    def run_row(fw: str, lmbda: float, r: int):
+        student, tag = fresh(), str(r)
+        rec = recipes[(lmbda, r)]
         if fw == "distil":
             stamps, steps, losses = run_distil(student, teacher.model, rec, rec.onpolicy, train_ex, eos, pad, vocab,
                                                work / f"distil{lmbda}{tag}", clock)
         else:
             draws = [_uniform(rec.onpolicy.seed, s) < lmbda for s in range(args.steps)]  # distil's sequence
-            stamps, steps, losses = run_trl(student, teacher.model, tok, stream, spec, rec.seed, pad, lmbda, draws,
-                                            args.max_new_tokens, work / f"trl{lmbda}{tag}", clock)
+            stamps, steps, losses = run_trl(student, teacher.model, tok, stream, spec, r, pad, lmbda, draws,
+                                            args.max_new_tokens, work / f"{fw}{lmbda}{tag}", clock,
+                                            generated_denominator=fw == "trl-gen")
         return student, stamps, steps, losses
 
-    names = [(fw, lm) for lm in lmbdas for fw in ("distil", "trl")]
+    fws = ("distil", "trl", "trl-gen") if args.trl_generated_denominator else ("distil", "trl")
+    names = [(fw, lm) for lm in lmbdas for fw in fws]
     order = [(n, r) for r in range(args.repeats) for n in (names if r % 2 == 0 else names[::-1])]
     students, runs = {}, {n: [] for n in names}
     for (fw, lm), r in order:
         print(f"{fw} lmbda={lm} (pass {r + 1}) ...", flush=True)
         t = time.perf_counter()
-        student, stamps, steps, losses = run_row(fw, lm, str(r))
+        student, stamps, steps, losses = run_row(fw, lm, r)
         runs[(fw, lm)].append((stamps, steps, losses))
         print(f"  {time.perf_counter() - t:.1f}s", flush=True)
-        if r == 0:
-            students[f"{fw} lmbda={lm}"] = student
+        students[(f"{fw} lmbda={lm}", r)] = student
 
     results = {}
     for fw, lm in names:
@@ -379,15 +407,17 @@ def main() -> int:
             "losses": runs[(fw, lm)][0][2]}
 
     print("eval ...", flush=True)
-    ev = evaluate(teacher.model, students, eval_ex, batch_size=8, pad_id=pad, vocab=vocab, chunk_size=1024)
-    for name in students:
-        results[name]["eval_kl"] = round(ev[name]["kl"], 4)
-        results[name]["eval_ppl"] = round(ev[name]["ppl"], 3)
-        results[name]["eval_agreement"] = round(ev[name]["agreement"], 4)
+    ev = evaluate(teacher.model, {f"{n} #{r}": m for (n, r), m in students.items()}, eval_ex, batch_size=8,
+                  pad_id=pad, vocab=vocab, chunk_size=1024)
+    for name in results:  # mean over the passes (each pass its own samples), and every pass's value
+        per = [ev[f"{name} #{r}"] for r in range(args.repeats)]
+        for key, field in (("kl", "eval_kl"), ("ppl", "eval_ppl"), ("agreement", "eval_agreement")):
+            results[name][field] = round(statistics.fmean(e[key] for e in per), 4)
+            results[name][field + "_per_pass"] = [round(e[key], 4) for e in per]
     ev0 = evaluate(teacher.model, {"init": init}, eval_ex, batch_size=8, pad_id=pad, vocab=vocab)["init"]
 
-    head = (f"{'row':<18} {'on-pol':>6} {'tokens/s':>9} {'x TRL':>6} {'s/step med':>10} {'x TRL med':>9} "
-            f"{'gen %':>6} {'teach %':>7} {'s-fwd %':>7} {'rest %':>6} {'eval KL':>8}")
+    head = (f"{'row':<20} {'on-pol':>6} {'tokens/s':>9} {'x TRL':>6} {'s/step med':>10} {'x TRL med':>9} "
+            f"{'gen %':>6} {'teach %':>7} {'s-fwd %':>7} {'rest %':>6} {'eval KL':>8}  per pass")
     lines = [head, "-" * len(head)]
     verdicts = {}
     for lm in lmbdas:
@@ -395,18 +425,24 @@ def main() -> int:
         d["x_trl"] = round(d["tokens_per_s"] / t["tokens_per_s"], 2)
         d["x_trl_median_step"] = round(t["median_step_s"] / d["median_step_s"], 2)
         t["x_trl"], t["x_trl_median_step"] = 1.0, 1.0
-        for name in (f"distil lmbda={lm}", f"trl lmbda={lm}"):
+        g = results.get(f"trl-gen lmbda={lm}")
+        if g is not None:
+            g["x_trl"] = round(g["tokens_per_s"] / t["tokens_per_s"], 2)
+            g["x_trl_median_step"] = round(t["median_step_s"] / g["median_step_s"], 2)
+        for name in [f"{fw} lmbda={lm}" for fw in fws]:
             r = results[name]
             sh = r["phase_share"]
-            lines.append(f"{name:<18} {r['on_policy_fraction']:>6.2f} {r['tokens_per_s']:>9.1f} {r['x_trl']:>6.2f} "
+            lines.append(f"{name:<20} {r['on_policy_fraction']:>6.2f} {r['tokens_per_s']:>9.1f} {r['x_trl']:>6.2f} "
                          f"{r['median_step_s']:>10.2f} {r['x_trl_median_step']:>9.2f} "
                          f"{100 * sh['generate']:>6.1f} {100 * sh['teacher_forward']:>7.1f} "
                          f"{100 * sh['student_forward']:>7.1f} {100 * sh['loss_backward_optimizer_rest']:>6.1f} "
-                         f"{r['eval_kl']:>8.4f}")
+                         f"{r['eval_kl']:>8.4f}  {' '.join(f'{x:.2f}' for x in r['eval_kl_per_pass'])}")
         gap = d["eval_kl"] - t["eval_kl"]
+        spread = max(max(x["eval_kl_per_pass"]) - min(x["eval_kl_per_pass"]) for x in (d, t))
         verdicts[str(lm)] = {"speed_x_trl": d["x_trl"], "speed_met": d["x_trl"] >= 1.5,
                              "eval_kl_gap": round(gap, 4), "eval_kl_gap_pct": round(100 * gap / t["eval_kl"], 2),
-                             "kl_met": gap <= 0}
+                             "kl_met": gap <= 0, "eval_kl_spread": round(spread, 4),
+                             "gap_within_spread": abs(gap) <= spread}
         verdicts[str(lm)]["met"] = verdicts[str(lm)]["speed_met"] and verdicts[str(lm)]["kl_met"]
     lines.append(f"(initial student: eval KL {ev0['kl']:.4f}; tokens = trained target tokens: the generated "
                  f"completion tokens on on-policy steps, the dataset's response tokens otherwise; step 1 excluded)")
@@ -416,7 +452,8 @@ def main() -> int:
         print(f"lmbda={lm}: target (distil >= 1.5x TRL tokens/s at equal or better eval KL): "
               f"{'met' if v['met'] else 'MISSED'} -- speed {v['speed_x_trl']:.2f}x "
               f"({'met' if v['speed_met'] else 'missed'}), eval KL gap {v['eval_kl_gap']:+.4f} "
-              f"({v['eval_kl_gap_pct']:+.2f}%: {'met' if v['kl_met'] else 'missed'})")
+              f"({v['eval_kl_gap_pct']:+.2f}%: {'met' if v['kl_met'] else 'missed'}; the passes' own spread "
+              f"{v['eval_kl_spread']:.4f}: the gap is {'within' if v['gap_within_spread'] else 'beyond'} it)")
 
     out = {"benchmark": "onpolicy_vs_trl", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "command": "python " + " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
@@ -424,7 +461,7 @@ def main() -> int:
            "transformers": transformers.__version__, "trl": trl.__version__, "teacher": TEACHER,
            "student_layers": LAYERS, "steps": args.steps, "batch_size": args.batch_size,
            "grad_accum": args.grad_accum, "max_new_tokens": args.max_new_tokens, "lmbdas": lmbdas, "beta": 0.5,
-           "sample_temperature": 1.0, "onpolicy_seed": seed, "threads": args.threads, "repeats": args.repeats,
+           "sample_temperature": 1.0, "onpolicy_seed": seeds, "threads": args.threads, "repeats": args.repeats,
            "eos": eos,
            "prompts": len(train_ex), "eval_examples": len(eval_ex), "initial_eval_kl": round(ev0["kl"], 4),
            "rows": results, "verdicts": verdicts, "table": table}
