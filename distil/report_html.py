@@ -213,16 +213,27 @@ def dark_knowledge_section(run_dir: Path, recipe: dict) -> str:
                 assert len(p[name]) == len(temps) and all(len(st["tokens"]) == len(st["probs"]) for st in p[name])
             assert len(p["kl"]) == len(temps) and len(p["student_on_teacher_top"]) == len(temps)
     except (OSError, ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
-        return head + '<p class="missing">dark_knowledge.json is not a readable dark-knowledge record: no panels.</p>'
+        return head + _DK_UNREADABLE
+    try:  # a record of the right shape with a wrong value inside (a string for a number ...): the same line
+        return head + _dk_panels(record, positions, temps)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        _plt().close("all")
+        return head + _DK_UNREADABLE
+
+
+_DK_UNREADABLE = '<p class="missing">dark_knowledge.json is not a readable dark-knowledge record: no panels.</p>'
+
+
+def _dk_panels(record: dict, positions: list[dict], temps: list[float]) -> str:
     student = record.get("student", "student")
-    out = [head, f"<p>Teacher <code>{_e(record.get('teacher', '?'))}</code> vs {_e(student)} on "
-                 f"{len(positions)} position(s) of held-out example {_e(record.get('example', '?'))} "
-                 f"({_e(record.get('example_tokens', '?'))} tokens, {_e(record.get('target_positions', '?'))} target "
-                 f"positions; over those, mean KL(teacher&#8214;student) at T=1 "
-                 f"{float(record.get('mean_kl', float('nan'))):.4f} nats, a different argmax at "
-                 f"{_e(record.get('argmax_differs', '?'))}). Position i is after reading token i: its soft targets "
-                 f"predict token i + 1. The teacher's probability outside its top-1 (1-top1) is the dark knowledge "
-                 f"a student learns from soft targets.</p>"]
+    out = [f"<p>Teacher <code>{_e(record.get('teacher', '?'))}</code> vs {_e(student)} on "
+           f"{len(positions)} position(s) of held-out example {_e(record.get('example', '?'))} "
+           f"({_e(record.get('example_tokens', '?'))} tokens, {_e(record.get('target_positions', '?'))} target "
+           f"positions; over those, mean KL(teacher&#8214;student) at T=1 "
+           f"{float(record.get('mean_kl', float('nan'))):.4f} nats, a different argmax at "
+           f"{_e(record.get('argmax_differs', '?'))}). Position i is after reading token i: its soft targets "
+           f"predict token i + 1. The teacher's probability outside its top-1 (1-top1) is the dark knowledge "
+           f"a student learns from soft targets.</p>"]
     if positions:
         out.append(_dk_figure(positions, temps))
     for p in positions:

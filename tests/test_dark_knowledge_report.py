@@ -169,8 +169,10 @@ def test_the_page_shows_a_hand_made_record(tmp_path):
     assert "p(&#x27;:&#x27;): teacher 0.700, student 0.250" in section
     [b64] = re.findall(r'<img alt="plot" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', section)
     assert matplotlib.image.imread(io.BytesIO(base64.b64decode(b64)), format="png").std() > 0
-    (tmp_path / "dark_knowledge.json").write_text('{"positions": [{"teacher": 1}]}')
-    assert "dark_knowledge.json is not a readable dark-knowledge record" in write_page(tmp_path).read_text()
+    for bad in ({"positions": [{"teacher": 1}]}, {**_record(), "mean_kl": "high"},
+                {**_record(), "positions": [{**_record()["positions"][0], "kl": ["a", "b"]}]}):
+        (tmp_path / "dark_knowledge.json").write_text(json.dumps(bad))
+        assert "dark_knowledge.json is not a readable dark-knowledge record" in write_page(tmp_path).read_text()
 
 
 @pytest.mark.parametrize("recipe, why", [
