@@ -107,6 +107,20 @@ def test_record_equals_a_float64_hand_computation(pair):
     assert held_out_dark_knowledge(teacher.model, student.model, tok, examples[:1], 3, len(tok)) is None
 
 
+def test_a_long_example_is_read_up_to_its_first_128_targets(pair, monkeypatch):
+    from distil.eval import inspect as ins
+
+    teacher, student = pair
+    tok = student.tokenizer
+    ids = tok("the quick brown fox " * 20)["input_ids"]  # 400 tokens, every one a target
+    seen = []
+    monkeypatch.setattr(ins, "model_logits", lambda m, i, v, f=ins.model_logits: seen.append(len(i)) or f(m, i, v))
+    rec = ins.held_out_dark_knowledge(teacher.model, student.model, tok, [{"input_ids": ids, "labels": ids}], 4,
+                                      len(tok))
+    assert seen == [129, 129]  # the first 128 targets are tokens 1..128, predicted at positions 0..127
+    assert rec["target_positions"] == 128 and all(0 <= p["position"] <= 127 for p in rec["positions"])
+
+
 def test_write_dark_knowledge_skips_without_a_shared_teacher_or_when_off(pair, tmp_path):
     from distil.recipe import recipe_from_dict
 

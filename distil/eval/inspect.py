@@ -241,6 +241,8 @@ DK_FILE = "dark_knowledge.json"
 DK_TEMPERATURES = (1.0, 2.0)
 DK_TOP_K = 5
 DK_CONTEXT = 16  # tokens of context shown up to each position (the heading of its table)
+DK_WINDOW = 128  # target positions considered (the example's first ones): bounds the forward and the float64 work
+DK_CHUNK = 16  # positions per float64 [positions x vocab] temporary (a 152k vocabulary: 19 MB each)
 
 
 def target_positions(example: dict) -> list[int]:
@@ -260,7 +262,7 @@ def _soft(st: Any, tok: Any) -> dict:
 def held_out_dark_knowledge(teacher: Any, student: Any, tok: Any, examples: list[dict], n: int, vocab: int, *,
                             k: int = DK_TOP_K, temperatures: tuple[float, ...] = DK_TEMPERATURES) -> dict | None:
     """The dark-knowledge record of report.html: on the first held-out example with target tokens, one forward of
-    each model, then `n` of its target positions (diagnostics.choose_panels: the n - 1 where teacher and student
+    each model, then `n` of its (first DK_WINDOW) target positions (diagnostics.choose_panels: the n - 1 where teacher and student
     disagree most, plus the teacher's most uncertain one) with both models' top-k soft targets, entropy and mass
     outside the top-1 at every temperature, KL(teacher || student) and p(the actual next token). All numbers from
     diagnostics.py (float64, from the models' float32 logits); tokens decoded. None when there is nothing to show
@@ -269,11 +271,19 @@ def held_out_dark_knowledge(teacher: Any, student: Any, tok: Any, examples: list
     if n < 1 or found is None:
         return None
     index, example = found
-    ids = list(example["input_ids"])
-    candidates = target_positions(example)
+    candidates = target_positions(example)[:DK_WINDOW]
+    # the models read up to the last candidate's next token: a causal model's logits at earlier positions do not
+    # depend on what follows, so a long example costs no more than its first DK_WINDOW targets
+    ids = list(example["input_ids"])[:candidates[-1] + 2]
     logits = {"teacher": model_logits(teacher, ids, vocab), "student": model_logits(student, ids, vocab)}
-    kl, differs = disagreement(logits["teacher"], logits["student"])
-    chosen = choose_panels(kl, differs, entropy(tempered_softmax(logits["teacher"])), candidates, n)
+    kl = torch.zeros(len(ids), dtype=torch.float64)  # per position, filled at the candidates only, in chunks
+    ent = torch.zeros(len(ids), dtype=torch.float64)
+    differs = torch.zeros(len(ids), dtype=torch.bool)
+    for j in range(0, len(candidates), DK_CHUNK):
+        rows = torch.tensor(candidates[j:j + DK_CHUNK])
+        kl[rows], differs[rows] = disagreement(logits["teacher"][rows], logits["student"][rows])
+        ent[rows] = entropy(tempered_softmax(logits["teacher"][rows]))
+    chosen = choose_panels(kl, differs, ent, candidates, n)
     views = inspect_positions(ids, logits, [i for i, _ in chosen], list(temperatures), k)
     positions = []
     for (i, why), view in zip(chosen, views):
