@@ -29,7 +29,7 @@ from distil.methods.contract import Context, Phase, Trainable
 from distil.methods.hard_labels import build_hard_labels
 from distil.models import (Loaded, check_same_vocab, count_params, load_student, tokenizer_name,  # noqa: F401
                            load_teacher, save_student)
-from distil.recipe import Recipe, dump_recipe, recipe_to_dict
+from distil.recipe import Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
 from distil.report_html import write_page
 from distil.atomic import write_atomic
 from distil.checkpoint import list_checkpoints, resolve_resume
@@ -39,7 +39,8 @@ CONTROL = "student (hard_labels)"
 # Keys a resumed run may change: they do not change what the run computes, only how long, how often it
 # logs/saves, and what happens after training.
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.save_every", "train.keep_last",
-                     "train.threads", "train.report_to", "eval.batch_size", "export.", "output.save_student")
+                     "train.threads", "train.report_to", "eval.batch_size", "eval.dark_knowledge", "export.",
+                     "output.save_student", "output.report_html")
 
 
 @dataclass
@@ -78,7 +79,12 @@ def _check_resume(recipe: Recipe, run_dir: Path, resume: str) -> None:
         path = resolve_resume(resume, Path(resume).parent)
         if run_dir.resolve() not in path.resolve().parents:
             raise DistilError(f"{path}: --resume: expected a checkpoint of the run {run_dir}, found one elsewhere")
-    old, new = _flatten(before if isinstance(before, dict) else {}), _flatten(recipe_to_dict(recipe))
+    try:  # the saved recipe with today's defaults filled in: a key added to distil since the run started reads as
+        # its default (what the run did), not as a change; one that no longer parses is compared as written
+        old = _flatten(recipe_to_dict(recipe_from_dict(before, str(saved))))
+    except DistilError:
+        old = _flatten(before if isinstance(before, dict) else {})
+    new = _flatten(recipe_to_dict(recipe))
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES):
             raise DistilError(f"{saved}: --resume: {key}: the run was made with {old.get(key)!r}, the recipe now says "

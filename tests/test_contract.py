@@ -163,6 +163,25 @@ def test_resume_with_a_changed_recipe_is_refused_before_anything_is_written(make
     assert "checkpoint directory not found" in capsys.readouterr().err
 
 
+def test_resume_of_a_run_made_before_a_key_existed(make_recipe, capsys):
+    """A run started by an older distil has no line for a key added since: that key reads as its default (what the
+    run did), not as a change, so the run resumes; a key that is present and differs is still refused."""
+    import yaml
+
+    from distil.cli import main
+
+    path = make_recipe(train={"save_every": 2})
+    assert main(["run", str(path)]) == 0
+    saved = path.parent / "runs" / "t" / "recipe.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["eval"]["dark_knowledge"], old["output"]["report_html"], old["train"]["grad_accum"]
+    saved.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert main(["run", str(path), "train.steps=6", "--resume"]) == 0
+    saved.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert main(["run", str(path), "train.steps=8", "train.grad_accum=2", "--resume"]) == 2
+    assert "train.grad_accum: the run was made with 1, the recipe now says 2" in capsys.readouterr().err
+
+
 def test_resume_of_a_run_that_never_started_creates_nothing(make_recipe, capsys):
     from distil.cli import main
 
