@@ -162,6 +162,13 @@ def rows_for_seed(ds: dict, seed: int, budget: dict, teacher: nn.Module, teacher
     """Every row's test accuracy for one seed (the students' initialisation and data order)."""
     train, test = ds["train"], ds["test"]
     acc: dict[str, float] = {"teacher alone": teacher_acc}
+    clock = [time.perf_counter()]
+
+    def timed(name: str, value: float) -> None:  # a row's accuracy, and its seconds on stderr
+        acc[name] = value
+        now = time.perf_counter()
+        print(f"  seed {seed} {name}: {100 * value:.2f}% ({now - clock[0]:.0f}s)", file=sys.stderr, flush=True)
+        clock[0] = now
 
     def student(offset: int = 0) -> ConvNet:
         return model(ds, STUDENT, 1000 * seed + 1 + offset)  # the same initial student in every row of a seed
@@ -171,34 +178,34 @@ def rows_for_seed(ds: dict, seed: int, budget: dict, teacher: nn.Module, teacher
 
     s = student()
     api.distill(None, s, train, loss="ce", seed=seed, **budget)
-    acc["student alone"] = score(s)
+    timed("student alone", score(s))
     for t in (1.0, 4.0, 20.0):
         s = student()
         api.distill(teacher, s, train, loss="kd", temperature=t, alpha=0.9, seed=seed, **budget)
-        acc[f"KD (Hinton), T={t:g}"] = score(s)
+        timed(f"KD (Hinton), T={t:g}", score(s))
     s = student()
     api.distill(teacher, s, train, loss="ce", seed=seed, features=[FeaturePair(BLOCKS[1], BLOCKS[1], "mse")],
                 **budget)
-    acc["FitNets (hint, block 2)"] = score(s)
+    timed("FitNets (hint, block 2)", score(s))
     s = student()
     api.distill(teacher, s, train, loss="ce", seed=seed,
                 relations=[api.RelationPair("rkd", BLOCKS[2], BLOCKS[2], samples=64)],
                 **budget)
-    acc["RKD (distance + angle)"] = score(s)
+    timed("RKD (distance + angle)", score(s))
     s = student()
     pairs = [(BLOCKS[0], BLOCKS[1]), (BLOCKS[1], BLOCKS[2])]
     api.distill(teacher, s, train, loss="ce", seed=seed, relations=[api.RelationPair("fsp", pairs, pairs)], **budget)
-    acc["FSP"] = score(s)
+    timed("FSP", score(s))
     s = student()
     api.distill(teacher, s, train, loss="ce", seed=seed, features=[api.AttentionPair(b, b) for b in BLOCKS], **budget)
-    acc["attention transfer"] = score(s)
+    timed("attention transfer", score(s))
     peers = [student(), student(500)]
     api.mutual(peers, train, seed=seed, **budget)
-    acc["DML pair (peer 1)"] = score(peers[0])
+    timed("DML pair (peer 1)", score(peers[0]))
     ban = api.born_again(student(), train, generations=3, temperature=4.0, alpha=0.9, seed=seed,
                          eval_data=test, **budget)
-    acc["Born-Again, generation 3"] = ban.eval["generation 3"]["accuracy"]
-    acc["Born-Again, ensemble of 1-3"] = ban.eval["ensemble"]["accuracy"]
+    timed("Born-Again, generation 3", ban.eval["generation 3"]["accuracy"])
+    timed("Born-Again, ensemble of 1-3", ban.eval["ensemble"]["accuracy"])
     return acc
 
 

@@ -59,15 +59,24 @@ def rkd_distance(es: Tensor, et: Tensor) -> Tensor:
 
 
 def _triplet_cosines(e: Tensor) -> Tensor:
-    """cos of the angle at e_j between e_i and e_k, for every ordered triplet of distinct (i, j, k): [n]."""
+    """cos of the angle at e_j between e_i and e_k, for every ordered triplet of distinct (i, j, k): [n].
+
+    From the Gram matrix G = E E^T rather than the [B, B, D] difference vectors (B^2 D + B^3 work and memory instead
+    of B^3 D: the angle term of 64 samples of 2,560-wide maps is 40x cheaper):
+        <e_i - e_j, e_k - e_j> = G_ik - G_ij - G_jk + G_jj,   ||e_i - e_j||^2 = G_ii + G_jj - 2 G_ij.
+    In float64, since the sums cancel when samples are close (the result is cast back to the input's dtype)."""
     b = e.shape[0]
-    diff = e[:, None, :] - e[None, :, :]  # [j, i] = e_j - e_i
-    unit = F.normalize(-diff, dim=-1, eps=1e-12)  # [j, i] = (e_i - e_j) / ||e_i - e_j||
-    cos = torch.einsum("jid,jkd->jik", unit, unit)  # [j, i, k] = <u(e_i - e_j), u(e_k - e_j)>
+    e64 = e.double()
+    g = e64 @ e64.T
+    sq = g.diagonal()
+    # norm[j, i] = ||e_i - e_j||, at least 1e-12 as F.normalize's eps (the clamp keeps i = j finite, masked below)
+    norm = (sq[:, None] + sq[None, :] - 2 * g).clamp_min(1e-24).sqrt()
+    dot = g[None, :, :] - g[:, :, None] - g[:, None, :] + sq[:, None, None]  # [j, i, k] = <e_i - e_j, e_k - e_j>
+    cos = dot / (norm[:, :, None] * norm[:, None, :])
     idx = torch.arange(b, device=e.device)
     distinct = (idx[:, None, None] != idx[None, :, None]) & (idx[:, None, None] != idx[None, None, :]) & \
         (idx[None, :, None] != idx[None, None, :])
-    return cos[distinct]
+    return cos[distinct].to(e.dtype)
 
 
 def rkd_angle(es: Tensor, et: Tensor) -> Tensor:

@@ -91,6 +91,20 @@ def test_rkd_is_zero_for_the_same_relations_and_blind_to_scale_and_rotation():
     assert torch.isfinite(x.grad).all()
 
 
+def test_rkd_angle_holds_for_fp32_maps_far_from_the_origin_and_duplicate_samples():
+    """The angle term works from the Gram matrix (sums that cancel): fp32 activations with a large common offset
+    (ReLU maps) and near-duplicate samples still give the difference-vector formula's cosines, and an exact
+    duplicate sample (zero distance) gives finite gradients."""
+    base = _rand(6, 40, seed=7)
+    es = (base + 1000.0).float()
+    es[5] = es[4] + 1e-2  # near-duplicate pair
+    et = (_rand(6, 9, seed=8) + 300.0).float()
+    assert float(rkd_angle(es, et)) == pytest.approx(ref_rkd_angle(es.double(), et.double()), rel=1e-5)
+    dup = torch.cat([base[:4], base[3:4]]).float().requires_grad_(True)  # samples 3 and 4 are the same
+    rkd_loss(dup, _rand(5, 9, seed=9).float()).backward()
+    assert torch.isfinite(dup.grad).all()
+
+
 def test_rkd_batch_too_small_is_one_line():
     for fn, b, need in ((rkd_distance, 1, 2), (rkd_angle, 2, 3), (rkd_loss, 2, 3)):
         with pytest.raises(DistilError) as err:
