@@ -75,7 +75,9 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval-size", type=int, default=24)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed (the data order of every row)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds --seed, --seed + 1, ...: every row once per seed; "
+                   "the table shows the mean and each row's per-seed difference to logit KD (paired: same order)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/feature_kd_lm.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,17 +92,27 @@ def main() -> int:
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="feature-kd-lm-"))
     trained, rows = {}, {}
-    for i, (row, (method, features)) in enumerate(ROWS.items()):
-        recipe = recipe_from_dict(recipe_for(f"row{i}", method, features, args, work))
-        t0 = time.perf_counter()
-        res = pipeline.run(recipe, echo=lambda *a: None)
-        seconds = time.perf_counter() - t0
-        metrics = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
-        trained[row] = load_model(str(res.student_dir)).model
-        rows[row] = {"method": method, "features": features, "train_seconds": round(seconds, 1),
-                     "first": {k: round(v, 4) for k, v in metrics[0].items() if k in ("kd", "feature", "attention")},
-                     "last": {k: round(v, 4) for k, v in metrics[-1].items() if k in ("kd", "feature", "attention")}}
-        print(f"{row}: {seconds:.0f}s; first step {rows[row]['first']}, last step {rows[row]['last']}", flush=True)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    first_seed = args.seed
+    for seed in seeds:
+        args.seed = seed
+        for i, (row, (method, features)) in enumerate(ROWS.items()):
+            recipe = recipe_from_dict(recipe_for(f"row{i}-seed{seed}", method, features, args, work))
+            t0 = time.perf_counter()
+            res = pipeline.run(recipe, echo=lambda *a: None)
+            seconds = time.perf_counter() - t0
+            metrics = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+            trained[f"{row} #{seed}"] = load_model(str(res.student_dir)).model
+            shutil.rmtree(res.run_dir, ignore_errors=True)  # the model is in memory; keep the disk small
+            keep = ("kd", "feature", "attention")
+            rows.setdefault(row, {"method": method, "features": features, "train_seconds": [], "first": [],
+                                  "last": []})
+            rows[row]["train_seconds"].append(round(seconds, 1))
+            rows[row]["first"].append({k: round(v, 4) for k, v in metrics[0].items() if k in keep})
+            rows[row]["last"].append({k: round(v, 4) for k, v in metrics[-1].items() if k in keep})
+            print(f"seed {seed} {row}: {seconds:.0f}s; first step {rows[row]['first'][-1]}, last step "
+                  f"{rows[row]['last'][-1]}", flush=True)
+    args.seed = first_seed
 
     recipe = recipe_from_dict(recipe_for("eval", "offline", None, args, work))
     teacher = load_teacher(recipe)
@@ -108,10 +120,23 @@ def main() -> int:
     _, held_out = load_examples(recipe.data, teacher.tokenizer, recipe.seed)
     results = evaluate(teacher.model, {"student (initial)": initial, **trained}, held_out, batch_size=8,
                        pad_id=pad_id(teacher.tokenizer), vocab=len(teacher.tokenizer))
-    table = format_table(results)
+    for row in rows:  # the mean over the seeds, and every seed's value
+        for k in ("kl", "agreement", "ppl"):
+            per = [results[f"{row} #{seed}"][k] for seed in seeds]
+            rows[row][k] = round(sum(per) / len(per), 4)
+            rows[row][k + "_per_seed"] = [round(x, 4) for x in per]
+        # paired with logit KD on the same seed (the same data order): negative = this row's KL is lower
+        rows[row]["kl_minus_logit_kd_per_seed"] = [round(results[f"{row} #{seed}"]["kl"]
+                                                         - results[f"logit KD #{seed}"]["kl"], 4) for seed in seeds]
+    mean_rows = {"teacher": results["teacher"], "student (initial)": results["student (initial)"],
+                 **{row: {"kl": rows[row]["kl"], "agreement": rows[row]["agreement"], "ppl": rows[row]["ppl"]}
+                    for row in rows}}
+    table = format_table(mean_rows)
+    if len(seeds) > 1:
+        table += "\n" + "\n".join(f"{row:<30} KL - logit KD per seed: "
+                                   + " ".join(f"{d:+.4f}" for d in rows[row]["kl_minus_logit_kd_per_seed"])
+                                   for row in rows if row != "logit KD")
     print(table)
-    for row in rows:
-        rows[row].update({k: round(results[row][k], 4) for k in ("kl", "agreement", "ppl")})
     base = rows["logit KD"]["kl"]
     best = min((r for r in rows if r != "logit KD"), key=lambda r: rows[r]["kl"])
     for row in rows:
@@ -121,18 +146,24 @@ def main() -> int:
                f"no feature term improves eval KL over logit KD alone ({base:.4f}) at {args.steps} steps")
     hidden = min(rows["+ hidden states, direct"]["kl"], rows["+ hidden states, projection"]["kl"])
     target = hidden < base
+    every_seed = {row: all(d < 0 for d in rows[row]["kl_minus_logit_kd_per_seed"]) for row in rows
+                  if row != "logit KD"}
+    print("lower eval KL than logit KD on every seed: " + ", ".join(f"{r}: {'yes' if v else 'no'}"
+                                                                     for r, v in every_seed.items()))
     print(f"target (hidden-state matching improves eval KL over logit KD alone): {'met' if target else 'MISSED'}; "
           f"{verdict}")
     out = {"benchmark": "feature_kd_lm", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "command": "python " + " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
            "cpu_count": os.cpu_count(), "torch": torch.__version__, "load_average_before": load_before,
            "load_average_after": os.getloadavg(), "wall_seconds": round(time.perf_counter() - t_start, 1),
-           "teacher": TEACHER, "student_layers": LAYERS, "steps": args.steps, "batch_size": args.batch_size,
+           "teacher": TEACHER, "student_layers": LAYERS, "steps": args.steps, "seeds": seeds,
+           "batch_size": args.batch_size,
            "seq_len": args.seq_len, "lr": args.lr, "threads": args.threads, "eval_blocks": len(held_out),
            "eval_tokens": results["teacher"]["tokens"] if "tokens" in results["teacher"] else None,
            "initial": {k: round(results["student (initial)"][k], 4) for k in ("kl", "agreement", "ppl")},
            "teacher_ppl": round(results["teacher"]["ppl"], 4), "rows": rows,
-           "target_hidden_beats_logit_kd": target, "verdict": verdict, "table": table}
+           "target_hidden_beats_logit_kd": target, "lower_kl_on_every_seed": every_seed, "verdict": verdict,
+           "table": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
