@@ -125,6 +125,18 @@ def prepare_run_dir(recipe: Recipe, resume: str | None, overwrite: bool) -> Path
     return run_dir
 
 
+def _drop_unstarted(run_dir: Path) -> None:
+    """A method that refuses its input while building (after the run directory was made) leaves no half-made run:
+    a directory holding nothing but the recipe.yaml this call wrote is removed, so the same command can be rerun
+    without --overwrite. Anything else in it (written by the method) stays."""
+    try:
+        if run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == ["recipe.yaml"]:
+            (run_dir / "recipe.yaml").unlink()
+            run_dir.rmdir()
+    except OSError:
+        pass
+
+
 # ----------------------------------------------------------------------------------------------
 # Phases
 
@@ -243,7 +255,12 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
     acc.wait_for_everyone()
 
     initial = copy.deepcopy(student.model).eval() if recipe.eval.enabled else None
-    stage = method.build(ctx)
+    try:
+        stage = method.build(ctx)
+    except DistilError:
+        if acc.is_main_process and not resume:
+            _drop_unstarted(run_dir)
+        raise
     for phase in stage.phases:
         run_phase(phase, ctx, resume, acc)
     rows: dict[str, torch.nn.Module] = {}

@@ -204,6 +204,34 @@ def test_output_dir_that_is_not_a_directory(make_recipe, tmp_path, capsys, where
     assert blocker.read_text() == "keep me"
 
 
+def test_a_refusal_while_building_leaves_no_half_made_run(tiny_teacher, tmp_path, monkeypatch):
+    """A method that refuses its input in build (after the run directory was made) leaves nothing behind, so the
+    same command reruns without --overwrite; a directory the method already wrote into is kept."""
+    def refuse(ctx):
+        raise DistilError("prune.mlp: expected a ratio in (0, 1), found 1.5")
+
+    def refuse_after_writing(ctx):
+        (ctx.run_dir / "calibration.json").write_text("{}")
+        raise DistilError("prune: calibration data too short")
+
+    monkeypatch.setitem(pipeline.METHODS, "refuse", Method(name="refuse", summary="", teacher="none", build=refuse))
+    monkeypatch.setitem(pipeline.METHODS, "refuse2", Method(name="refuse2", summary="", teacher="none",
+                                                            build=refuse_after_writing))
+    recipe = recipe_from_dict({
+        "name": "r", "teacher": {"source": str(tiny_teacher)}, "student": {"source": "teacher", "layers": [0, 3]},
+        "data": {"source": "builtin:pydoc", "max_records": 12, "seq_len": 32, "eval_size": 4},
+        "train": {"progress": False}, "output": {"dir": str(tmp_path / "runs")}})
+    recipe.distill.method = "refuse"
+    for _ in range(2):  # the second time without --overwrite: no "run directory already exists"
+        with pytest.raises(DistilError, match=r"found 1\.5"):
+            pipeline.run(recipe, echo=_quiet)
+        assert not (tmp_path / "runs" / "r").exists()
+    recipe.distill.method = "refuse2"
+    with pytest.raises(DistilError, match="too short"):
+        pipeline.run(recipe, echo=_quiet)
+    assert sorted(p.name for p in (tmp_path / "runs" / "r").iterdir()) == ["calibration.json", "recipe.yaml"]
+
+
 def test_a_stage_with_no_phase_and_a_finalize(tiny_teacher, tmp_path, monkeypatch):
     """PTQ-like: no training, only a conversion. The deliverable is what finalize returns: it is saved and
     evaluated as the method's row, and nothing is trained (no metrics.jsonl, no checkpoints)."""
