@@ -76,7 +76,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise DistilError("validate: expected a recipe path (or --explain)")
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
-    print(f"{args.recipe}: ok (name={recipe.name}, method={recipe.distill.method}, loss={recipe.distill.loss}, "
+    from distil.methods import METHODS
+
+    loss = METHODS[recipe.distill.method].loss_name(recipe)
+    print(f"{args.recipe}: ok (name={recipe.name}, method={recipe.distill.method}, loss={loss}, "
           f"steps={recipe.train.steps})")
     return 0
 

@@ -246,7 +246,7 @@ def run(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False, e
          if ctx.has_teacher else "teacher: none")
     echo(f"student: {count_params(student.model) / 1e6:.1f}M params; data: {len(train_ex)} train / "
          f"{len(eval_ex)} eval examples of <= {recipe.data.seq_len} tokens; method: {method.name}, loss: "
-         f"{recipe.distill.loss}")
+         f"{method.loss_name(recipe)}")
     if method.teacher_use(recipe) != "train" and not recipe.eval.enabled:
         ctx.drop_teacher()  # it only built the student or the artifact: train without it in memory
 
@@ -365,7 +365,8 @@ def write_report(run_dir: Path, recipe: Recipe, results: dict, params: dict, tab
     write_atomic(run_dir / "eval.json", json.dumps(record, indent=2))
     blocks = [b for b in (format_answers(generation), format_task(generation)) if b]
     write_atomic(run_dir / "report.md",
-                 f"# {recipe.name}\n\n{stamp}. Method `{recipe.distill.method}`, loss `{recipe.distill.loss}`, "
+                 f"# {recipe.name}\n\n{stamp}. Method `{recipe.distill.method}`, loss "
+                 f"`{METHODS[recipe.distill.method].loss_name(recipe)}`, "
                  f"{recipe.train.steps} steps.\n\n```\n{table}\n```\n"
                  + "".join(f"\n```\n{b}\n```\n" for b in blocks))
     if page and recipe.output.report_html:

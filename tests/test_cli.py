@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +126,14 @@ def test_unexportable_student_fails_before_training(make_recipe, tmp_path, capsy
     assert main(["run", str(path)]) == 2
     assert "export.enabled: the student's architecture 'gpt2' cannot be exported" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "t").exists()  # nothing written
+
+
+def test_validate_names_the_loss_the_method_trains_with(capsys):
+    """Methods whose own section holds the objective (onpolicy.loss, ...) are reported by that key, not by
+    distill.loss, which they do not read."""
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    assert main(["validate", str(recipes / "gkd.yaml"), "onpolicy.loss=reverse_kl"]) == 0
+    out = capsys.readouterr().out
+    assert "method=onpolicy, loss=onpolicy.loss=reverse_kl," in out
+    assert main(["validate", str(recipes / "offline_jsd.yaml")]) == 0
+    assert "method=offline, loss=jsd," in capsys.readouterr().out

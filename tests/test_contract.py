@@ -32,6 +32,7 @@ def test_every_registered_method_has_a_literal_name_and_its_own_section():
     text = "\n".join(explain())
     for name, m in METHODS.items():
         assert m.name == name and m.teacher_use(Recipe()) in ("train", "prepare", "none") and callable(m.build)
+        assert isinstance(m.loss_name(Recipe()), str)  # its loss_key names a real recipe key
         assert f"{name}: {m.summary}" in text
         if m.options is not None:
             section = m.section_name

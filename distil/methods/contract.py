@@ -173,12 +173,21 @@ class Method:
     # anything is loaded twice); "any": it learns the teacher's text only and works across tokenizers (the
     # evaluation then has no KL/agreement columns). A function of the recipe when an option decides.
     tokenizers: Literal["same", "any"] | Callable[[Any], str] = "same"
+    # the recipe key naming the objective when the method's own section has it (e.g. "onpolicy.loss"): what
+    # `distil validate`, the run header and report.md print instead of distill.loss
+    loss_key: str = "distill.loss"
 
     def teacher_use(self, recipe: Any) -> TeacherUse:
         return self.teacher(recipe) if callable(self.teacher) else self.teacher
 
     def tokenizer_use(self, recipe: Any) -> str:
         return self.tokenizers(recipe) if callable(self.tokenizers) else self.tokenizers
+
+    def loss_name(self, recipe: Any) -> str:
+        """The objective this recipe trains with, as `key=value` when it is not distill.loss."""
+        section, key = self.loss_key.split(".")
+        value = getattr(getattr(recipe, section), key)
+        return value if self.loss_key == "distill.loss" else f"{self.loss_key}={value}"
 
     @property
     def section_name(self) -> str | None:

@@ -262,4 +262,5 @@ METHOD = Method(
     tokenizers="any",
     build=stage,
     options=CrossTokSpec,
+    loss_key="crosstok.loss",
 )

@@ -571,4 +571,5 @@ METHOD = Method(
     build=stage,
     options=OnPolicySpec,
     check=check,
+    loss_key="onpolicy.loss",
 )

@@ -340,4 +340,5 @@ METHOD = Method(
     build=stage,
     options=PreferenceSpec,
     check=check,
+    loss_key="preference.loss",
 )
