@@ -136,11 +136,15 @@ def twin_seeds(base: int, lmbdas: list[float], steps: int, uniform, n: int) -> l
     from different samples (a pass's samples are its own; the kind of work per step stays the same)."""
     draws = lambda s: [[uniform(s, k) < lm for k in range(steps)] for lm in lmbdas]  # noqa: E731
     want, out = draws(base), [base]
-    cand = base + 1
-    while len(out) < n:
+    for cand in range(base + 1, base + 1 + 200_000):  # ~1,000 candidates per twin at 10 steps; 2^-steps each
+        if len(out) == n:
+            break
         if draws(cand) == want:
             out.append(cand)
-        cand += 1
+    if len(out) < n:
+        raise SystemExit(f"--repeats {n}: no {n - 1} further onpolicy seeds draw the same {steps} on/off-policy "
+                         f"steps as seed {base} among 200,000 (each matches with probability ~2^-{steps}); "
+                         f"expected fewer --steps (10 takes seconds) or --repeats 1, found --steps {steps}")
     return out
 
 

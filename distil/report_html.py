@@ -208,11 +208,12 @@ def dark_knowledge_section(run_dir: Path, recipe: dict) -> str:
         record = json.loads(path.read_text(encoding="utf-8"))
         positions = record["positions"]
         temps = [float(t) for t in record["temperatures"]]
-        for p in positions:
-            for name in ("teacher", "student"):
-                assert len(p[name]) == len(temps) and all(len(st["tokens"]) == len(st["probs"]) for st in p[name])
-            assert len(p["kl"]) == len(temps) and len(p["student_on_teacher_top"]) == len(temps)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+        for p in positions:  # the shapes the panels index (a check, not an assert: it must hold under python -O)
+            shaped = all(len(p[name]) == len(temps) and all(len(st["tokens"]) == len(st["probs"]) for st in p[name])
+                         for name in ("teacher", "student"))
+            if not (shaped and len(p["kl"]) == len(temps) and len(p["student_on_teacher_top"]) == len(temps)):
+                raise ValueError("dark_knowledge.json: a position's lists do not match its temperatures")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
         return head + _DK_UNREADABLE
     try:  # a record of the right shape with a wrong value inside (a string for a number ...): the same line
         return head + _dk_panels(record, positions, temps)
@@ -325,6 +326,19 @@ def answer_section(run_dir: Path, prompt: str) -> str:
     return head + _table(["model", "answer", "tokens/s", "file (MB)"], rows)
 
 
+def _loss_name(recipe: dict) -> str:
+    """The objective as the run header names it (Method.loss_name) from recipe.yaml: `onpolicy.loss=jsd` for a
+    method whose own section holds it, distill.loss otherwise."""
+    from distil.methods import METHODS
+
+    method = METHODS.get(str((recipe.get("distill") or {}).get("method")))
+    key = method.loss_key if method is not None else "distill.loss"
+    section, field = key.split(".")
+    part = recipe.get(section)
+    value = part.get(field, "?") if isinstance(part, dict) else "?"
+    return str(value) if key == "distill.loss" else f"{key}={value}"
+
+
 def write_page(run_dir: str | Path) -> Path:
     """Write run_dir/report.html from what the run directory holds; returns its path."""
     import yaml
@@ -344,9 +358,10 @@ def write_page(run_dir: str | Path) -> Path:
         pass
     name = recipe.get("name") or run_dir.name
     distill, train = recipe.get("distill") or {}, recipe.get("train") or {}
+    loss = _loss_name(recipe)
     summary = (f"<p>Teacher <code>{_e((recipe.get('teacher') or {}).get('source', '?'))}</code>, student "
                f"<code>{_e((recipe.get('student') or {}).get('source', '?'))}</code>; method "
-               f"<code>{_e(distill.get('method', '?'))}</code>, loss <code>{_e(distill.get('loss', '?'))}</code>, "
+               f"<code>{_e(distill.get('method', '?'))}</code>, loss <code>{_e(loss)}</code>, "
                f"{_e(train.get('steps', '?'))} steps.</p>") if recipe else \
         '<p class="missing">No readable recipe.yaml in this run directory.</p>'
     body = [f"<h1>{_e(name)}</h1>", summary, training_section(run_dir), eval_section(record),

@@ -107,6 +107,17 @@ def test_record_equals_a_float64_hand_computation(pair):
     assert held_out_dark_knowledge(teacher.model, student.model, tok, examples[:1], 3, len(tok)) is None
 
 
+def test_the_logits_are_read_without_a_graph(pair):
+    """The student of a finished run still has trainable weights: its panel logits build no autograd graph."""
+    from distil.eval.inspect import model_logits
+
+    teacher, student = pair
+    student.model.train()
+    assert any(p.requires_grad for p in student.model.parameters())
+    out = model_logits(student.model, student.tokenizer("print(x)")["input_ids"], len(student.tokenizer))
+    assert not out.requires_grad and out.grad_fn is None and student.model.training  # mode restored
+
+
 def test_a_long_example_is_read_up_to_its_first_128_targets(pair, monkeypatch):
     from distil.eval import inspect as ins
 
@@ -184,7 +195,8 @@ def test_the_page_shows_a_hand_made_record(tmp_path):
     [b64] = re.findall(r'<img alt="plot" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', section)
     assert matplotlib.image.imread(io.BytesIO(base64.b64decode(b64)), format="png").std() > 0
     for bad in ({"positions": [{"teacher": 1}]}, {**_record(), "mean_kl": "high"},
-                {**_record(), "positions": [{**_record()["positions"][0], "kl": ["a", "b"]}]}):
+                {**_record(), "positions": [{**_record()["positions"][0], "kl": ["a", "b"]}]},
+                {**_record(), "positions": [{**_record()["positions"][0], "kl": [0.5]}]}):  # one KL for two T
         (tmp_path / "dark_knowledge.json").write_text(json.dumps(bad))
         assert "dark_knowledge.json is not a readable dark-knowledge record" in write_page(tmp_path).read_text()
 

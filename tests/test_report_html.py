@@ -72,6 +72,17 @@ def test_a_run_directory_without_metrics_or_eval_says_so(tmp_path):
     assert "No readable recipe.yaml" in write_page(tmp_path / "bare").read_text()
 
 
+def test_the_summary_names_the_objective_the_method_trains_with(tmp_path):
+    """As the run header: a method whose own section holds the loss is shown by that key, not by distill.loss."""
+    (tmp_path / "recipe.yaml").write_text("name: x\ndistill: {method: onpolicy, loss: forward_kl}\n"
+                                          "onpolicy: {loss: reverse_kl}\n")
+    assert "loss <code>onpolicy.loss=reverse_kl</code>" in write_page(tmp_path).read_text()
+    (tmp_path / "recipe.yaml").write_text("name: x\ndistill: {method: offline, loss: jsd}\n")
+    assert "loss <code>jsd</code>" in write_page(tmp_path).read_text()
+    (tmp_path / "recipe.yaml").write_text("name: x\ndistill: {method: onpolicy}\nonpolicy: [1]\n")  # malformed
+    assert "loss <code>onpolicy.loss=?</code>" in write_page(tmp_path).read_text()
+
+
 def test_export_section_lists_the_gguf(tmp_path):
     (tmp_path / "recipe.yaml").write_text("name: x\nexport: {enabled: true, quant: Q4_K_M, prompt: hi}\n")
     (tmp_path / "export").mkdir()
