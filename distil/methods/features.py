@@ -33,10 +33,10 @@ from torch import nn
 
 from distil.errors import DistilError
 from distil.features import FeatureMatcher, FeaturePair, attention_map_loss, capture, resolve
-from distil.fused import fused_distillation_loss, teacher_from_hidden
-from distil.heads import choose_fused, head_weights, shift
-from distil.losses import LossOutput, distillation_loss
+from distil.heads import choose_fused
+from distil.losses import LossOutput
 from distil.methods.contract import IGNORE, Context, Method, Phase, Stage, Trainable, unwrap
+from distil.methods.offline import kd_from_hidden, kd_from_logits
 from distil.options import option
 
 
@@ -212,20 +212,10 @@ def stage(ctx: Context) -> Stage:
         s_out, s_proj, s_att = model(input_ids=ids, attention_mask=am, fused=fused)
         # the logit term: method offline's computation (distil/methods/offline.py), on these forwards
         if fused:
-            labels = batch["labels"][:, 1:]
-            weight, bias = head_weights(unwrap(model), ctx.vocab)
-            t_weight, t_bias = head_weights(teacher, ctx.vocab)
-            rows = teacher_from_hidden(t_out.hidden_states[-1][:, :-1], t_weight, t_bias)
-            kd = fused_distillation_loss(s_out.hidden_states[-1][:, :-1], weight, labels, rows, lm_head_bias=bias,
-                                         kind=dspec.loss, alpha=dspec.alpha, temperature=dspec.temperature,
-                                         beta=dspec.beta, skew_alpha=dspec.skew_alpha, num_items=num_items,
-                                         chunk_size=dspec.chunk_size)
+            kd = kd_from_hidden(dspec, ctx.vocab, model, teacher, s_out.hidden_states[-1],
+                                t_out.hidden_states[-1], batch["labels"], num_items)
         else:
-            s, labels = shift(s_out.logits, batch["labels"], ctx.vocab)
-            t, _ = shift(t_out.logits, batch["labels"], ctx.vocab)
-            kd = distillation_loss(s, t, labels, kind=dspec.loss, alpha=dspec.alpha, temperature=dspec.temperature,
-                                   beta=dspec.beta, skew_alpha=dspec.skew_alpha, num_items=num_items,
-                                   chunk_size=dspec.chunk_size)
+            kd = kd_from_logits(dspec, ctx.vocab, s_out.logits, t_out.logits, batch["labels"], num_items)
         mask = target_positions(batch)
         loss, metrics = kd.loss, dict(kd.metrics)
         if pairs:

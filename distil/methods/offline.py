@@ -20,6 +20,29 @@ from distil.methods.contract import Context, Method, Phase, Stage, Trainable, un
 LossFn = Callable[[Any, dict, float], LossOutput]
 
 
+def kd_from_logits(spec: Any, vocab: int, s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor,
+                   num_items: float) -> LossOutput:
+    """The logit term on both models' logits [B, T, V]: position t predicts token t+1, so both are shifted against
+    the labels (ignore_index -100), cut to the shared vocabulary, and reduced over `num_items` target tokens."""
+    s, shifted = shift(s_logits, labels, vocab)
+    t, _ = shift(t_logits, labels, vocab)
+    return distillation_loss(s, t, shifted, kind=spec.loss, alpha=spec.alpha, temperature=spec.temperature,
+                             beta=spec.beta, skew_alpha=spec.skew_alpha, num_items=num_items,
+                             chunk_size=spec.chunk_size)
+
+
+def kd_from_hidden(spec: Any, vocab: int, student: Any, teacher: Any, s_hidden: torch.Tensor,
+                   t_hidden: torch.Tensor, labels: torch.Tensor, num_items: float) -> LossOutput:
+    """The same term from both models' final hidden states [B, T, H]: the logits are projected through each
+    model's own LM head chunk by chunk inside the loss (distil/fused.py), so no [tokens x vocab] tensor exists."""
+    weight, bias = head_weights(unwrap(student), vocab)
+    t_weight, t_bias = head_weights(teacher, vocab)
+    teacher_rows = teacher_from_hidden(t_hidden[:, :-1], t_weight, t_bias)
+    return fused_distillation_loss(s_hidden[:, :-1], weight, labels[:, 1:], teacher_rows, lm_head_bias=bias,
+                                   kind=spec.loss, alpha=spec.alpha, temperature=spec.temperature, beta=spec.beta,
+                                   skew_alpha=spec.skew_alpha, num_items=num_items, chunk_size=spec.chunk_size)
+
+
 def build_offline(teacher: Any, spec: Any, vocab: int, echo: Callable[[str], None] = stderr_note) -> LossFn:
     """The loss function of method `offline`: `spec` is the recipe's `distill` section.
 
@@ -33,23 +56,13 @@ def build_offline(teacher: Any, spec: Any, vocab: int, echo: Callable[[str], Non
         with torch.no_grad():
             t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        s, labels = shift(s_logits, batch["labels"], vocab)
-        t, _ = shift(t_logits, batch["labels"], vocab)
-        return distillation_loss(s, t, labels, kind=spec.loss, alpha=spec.alpha, temperature=spec.temperature,
-                                 beta=spec.beta, skew_alpha=spec.skew_alpha, num_items=num_items,
-                                 chunk_size=spec.chunk_size)
+        return kd_from_logits(spec, vocab, s_logits, t_logits, batch["labels"], num_items)
 
     def fused_loss(student: Any, batch: dict, num_items: float) -> LossOutput:
         with torch.no_grad():
-            t_hidden = final_hidden(teacher, batch)[:, :-1]
-        s_hidden = final_hidden(student, batch)[:, :-1]
-        labels = batch["labels"][:, 1:]
-        weight, bias = head_weights(unwrap(student), vocab)
-        t_weight, t_bias = head_weights(teacher, vocab)
-        teacher_rows = teacher_from_hidden(t_hidden, t_weight, t_bias)
-        return fused_distillation_loss(s_hidden, weight, labels, teacher_rows, lm_head_bias=bias, kind=spec.loss,
-                                       alpha=spec.alpha, temperature=spec.temperature, beta=spec.beta,
-                                       skew_alpha=spec.skew_alpha, num_items=num_items, chunk_size=spec.chunk_size)
+            t_hidden = final_hidden(teacher, batch)
+        s_hidden = final_hidden(student, batch)
+        return kd_from_hidden(spec, vocab, student, teacher, s_hidden, t_hidden, batch["labels"], num_items)
 
     def loss_fn(student: Any, batch: dict, num_items: float) -> LossOutput:
         if fused["ok"] is None:
