@@ -148,6 +148,22 @@ def twin_seeds(base: int, lmbdas: list[float], steps: int, uniform, n: int) -> l
     return out
 
 
+def balanced_seeds(base: int, lmbdas: list[float], steps: int, uniform, n: int) -> list[int]:
+    """base and the next n - 1 balanced seeds (each puts round(lmbda x (steps - 1)) of the measured steps on-policy):
+    for runs too long for twin_seeds. The passes then generate on different steps but as many of them, and within a
+    pass TRL is still forced to that pass's draws, so each distil/TRL pair does the same work step by step."""
+    def balanced(seed: int) -> bool:
+        return all(sum(uniform(seed, k) < lm for k in range(1, steps)) == round(lm * (steps - 1)) for lm in lmbdas)
+
+    out = [base]
+    for cand in range(base + 1, base + 100_000):  # ~1 in 7 seeds is balanced at 30 steps
+        if len(out) == n:
+            break
+        if balanced(cand):
+            out.append(cand)
+    return out
+
+
 def step_times(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
@@ -297,6 +313,10 @@ def main() -> int:
                         "on-policy steps among the measured ones (2..N) closest to lmbda, for every lmbda")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="passes over the rows (2: forward then reversed order)")
+    p.add_argument("--pass-draws", choices=("auto", "same", "own"), default="auto",
+                   help="same: every pass generates on the same steps (twin onpolicy seeds; ~2^-steps candidates "
+                        "match, so at most ~14 steps); own: each pass its own balanced draws (TRL still forced to "
+                        "each pass's); auto: same up to 14 steps, own beyond")
     p.add_argument("--trl-generated-denominator", action="store_true",
                    help="add a diagnostic row per lmbda: TRL with its loss divided by the completion tokens it trains "
                         "on (stock TRL divides on-policy steps by the dataset's response tokens, counted before the "
@@ -323,7 +343,9 @@ def main() -> int:
 
     lmbdas = [float(x) for x in args.lmbdas.split(",")]
     seed = args.onpolicy_seed if args.onpolicy_seed >= 0 else balanced_seed(lmbdas, args.steps, _uniform)
-    seeds = twin_seeds(seed, lmbdas, args.steps, _uniform, args.repeats)  # pass r samples from seeds[r] (TRL: r)
+    draws_mode = args.pass_draws if args.pass_draws != "auto" else ("same" if args.steps <= 14 else "own")
+    pick = twin_seeds if draws_mode == "same" else balanced_seeds
+    seeds = pick(seed, lmbdas, args.steps, _uniform, args.repeats)  # pass r samples from seeds[r] (TRL: r)
     work = Path(tempfile.mkdtemp(prefix="distil-bench-onpolicy-"))
 
     def recipe_for(lmbda: float, seed: int):
@@ -356,7 +378,7 @@ def main() -> int:
     stream = [e for i in range(n_micro) for e in micro_batch(train_ex, i, args.batch_size, r0.seed)]
     print(f"teacher {count_params(teacher.model) / 1e6:.1f}M, student {count_params(init) / 1e6:.1f}M params; "
           f"{args.steps} steps x {args.grad_accum} x {args.batch_size} prompts ({len(train_ex)} distinct), "
-          f"max_new_tokens {args.max_new_tokens}, EOS {eos}, onpolicy.seed {seeds} (one per pass; TRL: seed = pass "
+          f"max_new_tokens {args.max_new_tokens}, EOS {eos}, onpolicy.seed {seeds} (one per pass, draws: {draws_mode}; TRL: seed = pass "
           f"index); torch threads {args.threads}",
           flush=True)
     clock = PhaseClock(teacher.model)
@@ -465,7 +487,7 @@ def main() -> int:
            "transformers": transformers.__version__, "trl": trl.__version__, "teacher": TEACHER,
            "student_layers": LAYERS, "steps": args.steps, "batch_size": args.batch_size,
            "grad_accum": args.grad_accum, "max_new_tokens": args.max_new_tokens, "lmbdas": lmbdas, "beta": 0.5,
-           "sample_temperature": 1.0, "onpolicy_seed": seeds, "threads": args.threads, "repeats": args.repeats,
+           "sample_temperature": 1.0, "onpolicy_seed": seeds, "pass_draws": draws_mode, "threads": args.threads, "repeats": args.repeats,
            "eos": eos,
            "prompts": len(train_ex), "eval_examples": len(eval_ex), "initial_eval_kl": round(ev0["kl"], 4),
            "rows": results, "verdicts": verdicts, "table": table}
