@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/onpolicy_vs_trl.py                          # both configurations, 2 passes
     .venv/bin/python benchmarks/onpolicy_vs_trl.py --steps 2 --repeats 1    # a quick look (smoke test)
+    .venv/bin/python benchmarks/onpolicy_vs_trl.py --steps 30 --repeats 3 --lmbdas 0.5 \
+        --out benchmarks/results/onpolicy_vs_trl_30steps.json                # the longer run of the README
 
 The job (identical for both rows of a configuration):
   teacher  embedded:smollm2-135m-instruct (SmolLM2-135M-Instruct, 30 layers, V = 49,152), fp32, frozen
@@ -21,7 +23,8 @@ training_step call. So that both rows do the same KIND of work on the same steps
 distil's sequence (a GKDTrainer subclass sets its lmbda to 1 or 0 before each step); the realised on-policy
 fraction of each row is reported. onpolicy.seed is the first seed whose draws make the share of on-policy steps
 among the measured ones closest to lmbda (with ~10 steps seed 0 gives 7 of 10 at lmbda 0.5); --onpolicy-seed
-overrides it. With lmbda = 1.0 the forcing is a no-op: every step generates.
+overrides it. With lmbda = 1.0 the forcing is a no-op: every step generates. Passes after the first use seeds with
+the same draws (--pass-draws same, up to ~14 steps) or their own balanced draws (own, beyond): see --pass-draws.
 
 Rows:
   distil   distil.trainer.train + onpolicy's before_step (one generate batch per optimizer step, KV cache, per-row
