@@ -656,6 +656,7 @@ def born_again(student: nn.Module | Callable[[], nn.Module], train_data: Any, *,
 
 def mutual(peers: Sequence[nn.Module], train_data: Any, *, weight: float = 1.0, temperature: float = 1.0,
            teacher: nn.Module | None = None, loss: str = "kd", kd_temperature: float = 4.0, alpha: float = 0.9,
+           lr_scales: Sequence[float] | None = None,
            steps: int | None = None, epochs: float | None = None, batch_size: int = 64, lr: float = 1e-3,
            seed: int = 0, run_dir: str | Path | None = None, resume: bool | str = False, eval_data: Any = None,
            eval_batch_size: int = 256, **train: Any) -> DistillResult:
@@ -664,7 +665,8 @@ def mutual(peers: Sequence[nn.Module], train_data: Any, *, weight: float = 1.0, 
         L_k = CE(z_k, y) + weight * mean_{l != k} T^2 KL(p_l || p_k)      (p_l detached; T = `temperature`)
 
     With a frozen `teacher`, CE(z_k, y) is replaced by the `distill` loss against it (loss, kd_temperature,
-    alpha). For online distillation with a teacher that keeps learning, pass the teacher as one of the peers.
+    alpha). For online distillation with a teacher that keeps learning, pass the teacher as one of the peers, and
+    with `lr_scales` (one per peer, a multiple of `lr` each; e.g. [1.0, 0.1]) give it a smaller learning rate.
     Every peer is in one Trainable (one optimizer, one checkpoint, DDP-wrapped together). result.student is
     peers[0], result.students every peer; with eval_data a row per peer ("peer 1", "peer 2", ...)."""
     from distil.methods.mutual import peer_kl
@@ -679,6 +681,8 @@ def mutual(peers: Sequence[nn.Module], train_data: Any, *, weight: float = 1.0, 
     if not temperature > 0:
         raise DistilError(f"temperature: expected a number > 0, found {temperature}")
     _check_loss(loss, kd_temperature, alpha)
+    if lr_scales is not None and (len(lr_scales) != len(peers) or not all(float(s) > 0 for s in lr_scales)):
+        raise DistilError(f"lr_scales: expected one number > 0 per peer ({len(peers)}), found {list(lr_scales)}")
     data, run = _prepare(train_data, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                          run_dir=run_dir, resume=resume, train=train)
     t0 = time.perf_counter()
@@ -687,7 +691,8 @@ def mutual(peers: Sequence[nn.Module], train_data: Any, *, weight: float = 1.0, 
     def forward_fn(m: Trainable, batch: dict) -> list[Tensor]:
         return [logits_of(call(p, batch)) for p in [m.student, *(m.extras[n] for n in names)]]
 
-    module = Trainable(peers[0], dict(zip(names, peers[1:])), forward_fn=forward_fn)
+    module = Trainable(peers[0], dict(zip(names, peers[1:])), forward_fn=forward_fn,
+                       lr_scale=dict(zip(["student", *names], map(float, lr_scales))) if lr_scales else None)
 
     def loss_fn(m: Any, batch: dict, num_items: float) -> LossOutput:
         labels = batch.get("labels")

@@ -144,8 +144,10 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
     metrics_path = run_dir / "metrics.jsonl"
 
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay,
+    # One parameter group, or one per learning-rate scale when a part of a Trainable has its own (lr_scale).
+    groups = model.param_groups() if hasattr(model, "param_groups") else \
+        [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    opt = torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay,
                             foreach=False)
     start, tokens_seen, last_ckpt = 0, 0, None
     if resume:
@@ -181,7 +183,7 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
     for step in range(start, spec.steps):
         lr = lr_at(step, spec)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         batches = [make_batch(micro_batch(examples, step * spec.grad_accum + m, spec.batch_size, seed, rank, world))
                    for m in range(spec.grad_accum)]
         batches = [{k: v.to(acc.device) for k, v in b.items()} for b in batches]

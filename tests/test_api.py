@@ -213,6 +213,17 @@ def test_mutual_learning_trains_every_peer(tmp_path):
     assert "student.0.weight" in keys and "extras.peer2.0.weight" in keys
 
 
+def test_mutual_lr_scales_give_each_peer_its_step(tmp_path):
+    """AdamW's first step moves a weight by lr * g / (|g| + eps), so the largest change is each peer's own lr."""
+    x, y = _data()
+    peers = [_mlp(8, seed=7), _mlp(8, seed=8)]
+    start = [p[0].weight.detach().clone() for p in peers]
+    distil.mutual(peers, (x, y), steps=1, batch_size=16, lr=1e-2, lr_scales=[1.0, 0.1], weight_decay=0.0,
+                  run_dir=tmp_path / "m")
+    moved = [float((p[0].weight.detach() - s).abs().max()) for p, s in zip(peers, start)]
+    assert moved[0] == pytest.approx(1e-2, rel=1e-3) and moved[1] == pytest.approx(1e-3, rel=1e-3)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input: one line, a DistilError
 
@@ -220,6 +231,8 @@ def test_mutual_learning_trains_every_peer(tmp_path):
 @pytest.mark.parametrize("call, message", [
     (lambda t, s, d: api.mutual([s], d, steps=1), r"peers: deep mutual learning trains two or more models together, "
                                                   r"found 1"),
+    (lambda t, s, d: api.mutual([s, t], d, steps=1, lr_scales=[1.0]),
+     r"lr_scales: expected one number > 0 per peer \(2\), found \[1.0\]"),
     (lambda t, s, d: api.distill(t, s, d, steps=1, batch_size=1, relations=[api.RelationPair("rkd", "", "")]),
      r"relations: RKD relates the samples of a batch: expected batch_size \(and samples\) >= 3 .* found 1"),
     (lambda t, s, d: api.distill(t, s, d, steps=1, batch_size=1,

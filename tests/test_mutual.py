@@ -90,3 +90,33 @@ def test_mutual_with_one_model_is_refused_in_one_line(make_recipe, capsys):
     assert len(err.splitlines()) == 1
     assert "mutual.peers: deep mutual learning trains two or more models together" in err and "found 1" in err
     assert not (path.parent / "runs").exists()
+
+
+def test_online_teacher_lr_scale_sets_its_own_step(tiny_teacher, tmp_path):
+    """AdamW's first step moves each weight by lr * g / (|g| + eps), i.e. by lr wherever |g| >> eps: so the largest
+    change of a teacher weight after one step is teacher_lr_scale x train.lr, and of a student weight train.lr."""
+    import json
+
+    recipe = _recipe(tiny_teacher, tmp_path, peers=1, online_teacher=True, teacher_lr_scale=0.1)
+    recipe.train.steps, recipe.train.weight_decay = 1, 0.0
+    result = pipeline.run(recipe, echo=_quiet)
+    step = result.run_dir / "checkpoints" / "step-000001"
+    ckpt = load_file(str(step / "model.safetensors"))
+    original = load_file(str(tiny_teacher / "model.safetensors"))
+    name = "model.layers.2.mlp.up_proj.weight"
+    moved_teacher = float((ckpt[f"extras.teacher.{name}"] - original[name]).abs().max())
+    moved_student = float((ckpt["student.model.layers.1.mlp.up_proj.weight"]
+                           - original["model.layers.3.mlp.up_proj.weight"]).abs().max())  # student layer 1 = 3
+    assert moved_teacher == pytest.approx(0.1 * 1e-2, rel=1e-3)
+    assert moved_student == pytest.approx(1e-2, rel=1e-3)
+    groups = json.loads((step / "optimizer_groups.json").read_text())["param_groups"]
+    assert sorted(g.get("lr_scale", 1.0) for g in groups) == [0.1, 1.0]  # what a resume restores
+
+
+def test_teacher_lr_scale_without_an_online_teacher_is_refused(make_recipe, capsys):
+    from distil.cli import main
+
+    path = make_recipe(distill={"method": "mutual"}, mutual={"teacher_lr_scale": 0.1})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mutual.teacher_lr_scale" in err and "online_teacher: false" in err

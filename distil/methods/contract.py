@@ -54,11 +54,31 @@ class Trainable(torch.nn.Module):
     backward through the wrapper)."""
 
     def __init__(self, student: torch.nn.Module, extras: dict[str, torch.nn.Module] | None = None,
-                 forward_fn: Callable[..., Any] | None = None):
+                 forward_fn: Callable[..., Any] | None = None, lr_scale: dict[str, float] | None = None):
         super().__init__()
         self.student = student
         self.extras = torch.nn.ModuleDict(extras or {})
         self._forward_fn = forward_fn
+        unknown = sorted(set(lr_scale or {}) - set(self.extras) - {"student"})
+        if unknown:
+            raise ValueError(f"lr_scale names {unknown}, which are not parts ('student', {sorted(self.extras)})")
+        # A part's learning rate as a multiple of train.lr (default 1; "student" or an extra's name): an online
+        # teacher that is already trained usually wants a smaller step than a student that is still far from it.
+        # The schedule (warmup, cosine) multiplies every part's rate alike.
+        self.lr_scale = {n: float(v) for n, v in (lr_scale or {}).items()}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one group (all trainable parameters, in module order) unless some
+        part has an lr_scale other than 1; then one group per scale, each with its "lr_scale"."""
+        scales = {n: v for n, v in self.lr_scale.items() if v != 1.0}
+        if not scales:
+            return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        by_scale: dict[float, list[torch.nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                part = name.split(".")[1] if name.startswith("extras.") else "student"
+                by_scale.setdefault(scales.get(part, 1.0), []).append(p)
+        return [{"params": ps, "lr_scale": sc} for sc, ps in by_scale.items()]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._forward_fn is not None:

@@ -12,7 +12,8 @@ predictions, which are detached (each peer learns from the others, never through
                                      L_T = CE(z_T, y) + weight * mean_k T^2 KL(p_k || p_T)
 
 Every peer (and the training teacher) is in one Trainable (the student + extras), so the optimizer,
-checkpoints, resume and DDP see all of them; only the student is saved and exported. The evaluation gains a
+checkpoints, resume and DDP see all of them; only the student is saved and exported. The training teacher's
+learning rate is `teacher_lr_scale` x train.lr (its own optimizer parameter group). The evaluation gains a
 row per other peer, and the trained teacher's row (the "teacher" row stays the frozen original).
 
 Peers 2.. start from the student's initial weights plus seeded Gaussian noise (`peer_init: perturbed`: two
@@ -50,6 +51,9 @@ class MutualSpec:
     online_teacher: bool = option(False, "true: the teacher trains too, as one more peer (online distillation: "
                                          "labels + the KL to the students' predictions), and the students learn "
                                          "from its current predictions; false: it stays frozen (offline).")
+    teacher_lr_scale: float = option(1.0, "online_teacher: the teacher's learning rate as a multiple of train.lr "
+                                          "(the schedule applies alike). A trained teacher moved at a fresh "
+                                          "student's rate forgets what it knows; 0.1 is a common start.", gt=0.0)
     peer_init: Literal["perturbed", "random"] = option(
         "perturbed", "How peers 2.. start: the student's initial weights plus Gaussian noise of std noise x each "
                      "weight tensor's std (seeded), or a fresh random initialisation of its architecture.")
@@ -105,7 +109,8 @@ def stage(ctx: Context) -> Stage:
     def forward_fn(m: Trainable, **batch: Any) -> list[Tensor]:
         return [m.student(**batch).logits, *(m.extras[n](**batch).logits for n in names)]
 
-    module = Trainable(ctx.student.model, extras, forward_fn=forward_fn)
+    module = Trainable(ctx.student.model, extras, forward_fn=forward_fn,
+                       lr_scale={"teacher": spec.teacher_lr_scale} if spec.online_teacher else None)
 
     def loss_fn(m: Any, batch: dict, num_items: float) -> LossOutput:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -153,6 +158,10 @@ def check(recipe: Any, where: str) -> None:
         raise DistilError(f"{where}: mutual.peers: deep mutual learning trains two or more models together: "
                           f"expected peers >= 2 (or mutual.online_teacher: true, the teacher as the other peer), "
                           f"found {spec.peers}")
+    if spec.teacher_lr_scale != 1.0 and not spec.online_teacher:
+        raise DistilError(f"{where}: mutual.teacher_lr_scale: sets the learning rate of a teacher that trains; "
+                          f"expected mutual.online_teacher: true with it, found online_teacher: false "
+                          f"(a frozen teacher has no learning rate)")
 
 
 METHOD = Method(
