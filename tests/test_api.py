@@ -224,6 +224,23 @@ def test_mutual_lr_scales_give_each_peer_its_step(tmp_path):
     assert moved[0] == pytest.approx(1e-2, rel=1e-3) and moved[1] == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_mutual_with_lr_scales_resumes_to_the_uninterrupted_run(tmp_path):
+    """Two optimizer groups (one per scale) are checkpointed and restored: the resumed peers equal the full run's."""
+    x, y = _data()
+
+    def run(run_dir, resume=False):
+        peers = [_mlp(8, seed=7), _mlp(8, seed=8)]
+        distil.mutual(peers, (x, y), steps=6, batch_size=16, lr=1e-2, lr_scales=[1.0, 0.1], run_dir=run_dir,
+                      resume=resume, save_every=3, keep_last=5, seed=3)
+        return peers
+
+    full = run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoints" / "step-000003"))
+    for pa, pb in zip(full, resumed):
+        assert all(torch.equal(a, b) for a, b in zip(pa.parameters(), pb.parameters()))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input: one line, a DistilError
 
