@@ -147,6 +147,7 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
     # One parameter group, or one per learning-rate scale when a part of a Trainable has its own (lr_scale).
     groups = model.param_groups() if hasattr(model, "param_groups") else \
         [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay,
                             foreach=False)
     start, tokens_seen, last_ckpt = 0, 0, None
