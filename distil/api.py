@@ -681,7 +681,8 @@ def mutual(peers: Sequence[nn.Module], train_data: Any, *, weight: float = 1.0, 
     if not temperature > 0:
         raise DistilError(f"temperature: expected a number > 0, found {temperature}")
     _check_loss(loss, kd_temperature, alpha)
-    if lr_scales is not None and (len(lr_scales) != len(peers) or not all(float(s) > 0 for s in lr_scales)):
+    if lr_scales is not None and (len(lr_scales) != len(peers) or not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in lr_scales)):
         raise DistilError(f"lr_scales: expected one number > 0 per peer ({len(peers)}), found {list(lr_scales)}")
     data, run = _prepare(train_data, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                          run_dir=run_dir, resume=resume, train=train)

@@ -250,6 +250,8 @@ def test_mutual_with_lr_scales_resumes_to_the_uninterrupted_run(tmp_path):
                                                   r"found 1"),
     (lambda t, s, d: api.mutual([s, t], d, steps=1, lr_scales=[1.0]),
      r"lr_scales: expected one number > 0 per peer \(2\), found \[1.0\]"),
+    (lambda t, s, d: api.mutual([s, t], d, steps=1, lr_scales=[1.0, "x"]),
+     r"lr_scales: expected one number > 0 per peer \(2\), found \[1.0, 'x'\]"),
     (lambda t, s, d: api.distill(t, s, d, steps=1, batch_size=1, relations=[api.RelationPair("rkd", "", "")]),
      r"relations: RKD relates the samples of a batch: expected batch_size \(and samples\) >= 3 .* found 1"),
     (lambda t, s, d: api.distill(t, s, d, steps=1, batch_size=1,
