@@ -71,6 +71,17 @@ class TrainResult:
     model: Any = None  # the trained module, unwrapped (no DDP, no autocast wrapper)
 
 
+def _clip(acc: Any, prepared: Any, opt: Any, max_norm: float) -> float:
+    """Clip the gradients to norm max_norm and return their norm before clipping. One parameter group: over every
+    parameter at once. Several (parts of a Trainable that are models of their own, e.g. an online teacher): each
+    group to max_norm on its own, so one part's large gradients do not shrink another's step; the norm returned is
+    still the norm of all gradients together, sqrt(sum_g |grad_g|^2)."""
+    if len(opt.param_groups) == 1:
+        return float(acc.clip_grad_norm_(prepared.parameters(), max_norm))
+    norms = [float(acc.clip_grad_norm_(g["params"], max_norm)) for g in opt.param_groups]
+    return math.sqrt(sum(n * n for n in norms))
+
+
 def lr_at(step: int, spec: Any) -> float:
     """Linear warmup to spec.lr over warmup_steps, then cosine decay to lr * min_lr_ratio."""
     if spec.warmup_steps and step < spec.warmup_steps:
@@ -208,7 +219,7 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
         loss_value = totals.pop("loss")
         if not math.isfinite(loss_value):
             raise diverged(step, f"loss is {loss_value}")
-        grad_norm = float(acc.clip_grad_norm_(prepared.parameters(), spec.max_grad_norm)) if spec.max_grad_norm \
+        grad_norm = _clip(acc, prepared, opt, spec.max_grad_norm) if spec.max_grad_norm \
             else None  # clipping off: not logged (and NaN is not valid JSON in metrics.jsonl)
         # A finite loss can still have non-finite gradients (bf16 overflow in backward): never step on them, so
         # that no checkpoint written after this point can hold poisoned weights.

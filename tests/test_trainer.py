@@ -229,3 +229,28 @@ def test_trained_module_comes_back_without_the_autocast_wrapper(tmp_path, setup)
     with torch.no_grad():
         mine, ref = res.model(input_ids=ids).logits, twin(input_ids=ids).logits
     assert torch.equal(mine, ref)  # fp32 both: under a kept bf16 autocast wrapper they differ by ~1e-2
+
+
+def test_a_part_in_its_own_group_is_clipped_on_its_own(tmp_path, setup):
+    """A Trainable part named in lr_scale (an online teacher, a peer) is clipped to max_grad_norm by itself: a part
+    with huge gradients leaves the student's clipped step, hence its weights, exactly as when trained alone."""
+    from distil.methods.contract import Trainable
+
+    t, examples = setup
+    fn = build_offline(t.model, DistillSpec(), len(t.tokenizer))
+
+    def with_big(model, batch, n):  # the student's loss + a part whose gradient norm is ~1e4
+        out = fn(model, batch, n)
+        big = getattr(model, "module", model).extras["big"]
+        return LossOutput(out.loss + 1e3 * big.weight.pow(2).sum(), out.metrics, out.n_tokens)
+
+    alone = _student(t)
+    train(Trainable(alone), fn, examples, _spec(steps=3), run_dir=tmp_path / "a", seed=0, pad_id=0)
+    results = {}
+    for scale in (None, {"big": 1.0}):
+        student, big = _student(t), torch.nn.Linear(8, 8)
+        torch.nn.init.constant_(big.weight, 3.0)
+        train(Trainable(student, {"big": big}, lr_scale=scale), with_big, examples, _spec(steps=3),
+              run_dir=tmp_path / str(scale is None), seed=0, pad_id=0)
+        results[scale is None] = all(torch.equal(a, b) for a, b in zip(alone.parameters(), student.parameters()))
+    assert results == {False: True, True: False}  # own group: the student's path is untouched; one group: it is not

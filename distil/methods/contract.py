@@ -62,23 +62,23 @@ class Trainable(torch.nn.Module):
         unknown = sorted(set(lr_scale or {}) - set(self.extras) - {"student"})
         if unknown:
             raise ValueError(f"lr_scale names {unknown}, which are not parts ('student', {sorted(self.extras)})")
-        # A part's learning rate as a multiple of train.lr (default 1; "student" or an extra's name): an online
-        # teacher that is already trained usually wants a smaller step than a student that is still far from it.
-        # The schedule (warmup, cosine) multiplies every part's rate alike.
+        # A part named here ("student" or an extra's name) is a model of its own in the optimizer: its own
+        # parameter group, at lr_scale x the schedule's lr, and gradient-clipped on its own (train.max_grad_norm
+        # per group). An online teacher is one: already trained, it wants a smaller step than the student, and
+        # clipped together with the student its large gradients would shrink the student's step.
         self.lr_scale = {n: float(v) for n, v in (lr_scale or {}).items()}
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's parameter groups: one group (all trainable parameters, in module order) unless some
-        part has an lr_scale other than 1; then one group per scale, each with its "lr_scale"."""
-        scales = {n: v for n, v in self.lr_scale.items() if v != 1.0}
-        if not scales:
+        """The optimizer's parameter groups: one group (all trainable parameters, in module order) unless parts
+        are named in lr_scale; then the rest in one group and each named part in its own, with its "lr_scale"."""
+        if not self.lr_scale:
             return [{"params": [p for p in self.parameters() if p.requires_grad]}]
-        by_scale: dict[float, list[torch.nn.Parameter]] = {}
+        by_part: dict[str | None, list[torch.nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if p.requires_grad:
                 part = name.split(".")[1] if name.startswith("extras.") else "student"
-                by_scale.setdefault(scales.get(part, 1.0), []).append(p)
-        return [{"params": ps, "lr_scale": sc} for sc, ps in by_scale.items()]
+                by_part.setdefault(part if part in self.lr_scale else None, []).append(p)
+        return [{"params": ps, "lr_scale": self.lr_scale.get(part, 1.0)} for part, ps in by_part.items()]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._forward_fn is not None:
