@@ -666,7 +666,9 @@ def mutual(peers: Sequence[nn.Module], train_data: Any, *, weight: float = 1.0, 
 
     With a frozen `teacher`, CE(z_k, y) is replaced by the `distill` loss against it (loss, kd_temperature,
     alpha). For online distillation with a teacher that keeps learning, pass the teacher as one of the peers, and
-    with `lr_scales` (one per peer, a multiple of `lr` each; e.g. [1.0, 0.1]) give it a smaller learning rate.
+    with `lr_scales` (one per peer, a multiple of `lr` each; e.g. [1.0, 0.1]) give it a smaller learning rate;
+    with lr_scales every peer is also its own optimizer group, gradient-clipped on its own (the paper's one
+    optimizer per network); without, the peers share one group and one clip.
     Every peer is in one Trainable (one optimizer, one checkpoint, DDP-wrapped together). result.student is
     peers[0], result.students every peer; with eval_data a row per peer ("peer 1", "peer 2", ...)."""
     from distil.methods.mutual import peer_kl

@@ -13,7 +13,8 @@ predictions, which are detached (each peer learns from the others, never through
 
 Every peer (and the training teacher) is in one Trainable (the student + extras), so the optimizer,
 checkpoints, resume and DDP see all of them; only the student is saved and exported. The training teacher's
-learning rate is `teacher_lr_scale` x train.lr (its own optimizer parameter group). The evaluation gains a
+learning rate is `teacher_lr_scale` x train.lr, in its own optimizer parameter group with its own gradient clip
+(clipped with the students, its larger gradients would shrink their steps). The evaluation gains a
 row per other peer, and the trained teacher's row (the "teacher" row stays the frozen original).
 
 Peers 2.. start from the student's initial weights plus seeded Gaussian noise (`peer_init: perturbed`: two
@@ -52,8 +53,9 @@ class MutualSpec:
                                          "labels + the KL to the students' predictions), and the students learn "
                                          "from its current predictions; false: it stays frozen (offline).")
     teacher_lr_scale: float = option(1.0, "online_teacher: the teacher's learning rate as a multiple of train.lr "
-                                          "(the schedule applies alike). A trained teacher moved at a fresh "
-                                          "student's rate forgets what it knows; 0.1 is a common start.", gt=0.0)
+                                          "(the schedule applies alike; it is also gradient-clipped on its own). "
+                                          "At 1 a trained teacher drifts from what it knew (README: measured).",
+                                     gt=0.0)
     peer_init: Literal["perturbed", "random"] = option(
         "perturbed", "How peers 2.. start: the student's initial weights plus Gaussian noise of std noise x each "
                      "weight tensor's std (seeded), or a fresh random initialisation of its architecture.")
