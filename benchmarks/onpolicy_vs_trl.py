@@ -125,13 +125,16 @@ class PhaseClock:
         return self.steps
 
 
+def is_balanced(seed: int, lmbdas: list[float], steps: int, uniform) -> bool:
+    """Whether the seed's per-step draws make round(lmbda x (steps - 1)) of the measured steps (2..N) on-policy for
+    every lmbda."""
+    return all(sum(uniform(seed, k) < lm for k in range(1, steps)) == round(lm * (steps - 1)) for lm in lmbdas)
+
+
 def balanced_seed(lmbdas: list[float], steps: int, uniform) -> int:
-    """The first onpolicy.seed whose per-step draws make round(lmbda x (steps - 1)) of the measured steps (2..N)
-    on-policy for every lmbda: with a handful of steps a seed can otherwise make lmbda 0.5 all on- or off-policy."""
-    for seed in range(10_000):
-        if all(sum(uniform(seed, k) < lm for k in range(1, steps)) == round(lm * (steps - 1)) for lm in lmbdas):
-            return seed
-    return 0
+    """The first balanced onpolicy.seed: with a handful of steps a seed can otherwise make lmbda 0.5 all on- or
+    off-policy."""
+    return next((seed for seed in range(10_000) if is_balanced(seed, lmbdas, steps, uniform)), 0)
 
 
 def twin_seeds(base: int, lmbdas: list[float], steps: int, uniform, n: int) -> list[int]:
@@ -155,15 +158,15 @@ def balanced_seeds(base: int, lmbdas: list[float], steps: int, uniform, n: int) 
     """base and the next n - 1 balanced seeds (each puts round(lmbda x (steps - 1)) of the measured steps on-policy):
     for runs too long for twin_seeds. The passes then generate on different steps but as many of them, and within a
     pass TRL is still forced to that pass's draws, so each distil/TRL pair does the same work step by step."""
-    def balanced(seed: int) -> bool:
-        return all(sum(uniform(seed, k) < lm for k in range(1, steps)) == round(lm * (steps - 1)) for lm in lmbdas)
-
     out = [base]
     for cand in range(base + 1, base + 100_000):  # ~1 in 7 seeds is balanced at 30 steps
         if len(out) == n:
             break
-        if balanced(cand):
+        if is_balanced(cand, lmbdas, steps, uniform):
             out.append(cand)
+    if len(out) < n:
+        raise SystemExit(f"--repeats {n}: fewer than {n - 1} further balanced onpolicy seeds among 100,000 for "
+                         f"lmbdas {lmbdas} and {steps} steps; expected other --lmbdas or --steps")
     return out
 
 
@@ -381,8 +384,8 @@ def main() -> int:
     stream = [e for i in range(n_micro) for e in micro_batch(train_ex, i, args.batch_size, r0.seed)]
     print(f"teacher {count_params(teacher.model) / 1e6:.1f}M, student {count_params(init) / 1e6:.1f}M params; "
           f"{args.steps} steps x {args.grad_accum} x {args.batch_size} prompts ({len(train_ex)} distinct), "
-          f"max_new_tokens {args.max_new_tokens}, EOS {eos}, onpolicy.seed {seeds} (one per pass, draws: {draws_mode}; TRL: seed = pass "
-          f"index); torch threads {args.threads}",
+          f"max_new_tokens {args.max_new_tokens}, EOS {eos}, onpolicy.seed {seeds} (one per pass, draws: "
+          f"{draws_mode}; TRL: seed = pass index); torch threads {args.threads}",
           flush=True)
     clock = PhaseClock(teacher.model)
 
@@ -490,8 +493,8 @@ def main() -> int:
            "transformers": transformers.__version__, "trl": trl.__version__, "teacher": TEACHER,
            "student_layers": LAYERS, "steps": args.steps, "batch_size": args.batch_size,
            "grad_accum": args.grad_accum, "max_new_tokens": args.max_new_tokens, "lmbdas": lmbdas, "beta": 0.5,
-           "sample_temperature": 1.0, "onpolicy_seed": seeds, "pass_draws": draws_mode, "threads": args.threads, "repeats": args.repeats,
-           "eos": eos,
+           "sample_temperature": 1.0, "onpolicy_seed": seeds, "pass_draws": draws_mode, "threads": args.threads,
+           "repeats": args.repeats, "eos": eos,
            "prompts": len(train_ex), "eval_examples": len(eval_ex), "initial_eval_kl": round(ev0["kl"], 4),
            "rows": results, "verdicts": verdicts, "table": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

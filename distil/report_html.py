@@ -331,12 +331,10 @@ def _loss_name(recipe: dict) -> str:
     method whose own section holds it, distill.loss otherwise."""
     from distil.methods import METHODS
 
-    method = METHODS.get(str((recipe.get("distill") or {}).get("method")))
-    key = method.loss_key if method is not None else "distill.loss"
-    section, field = key.split(".")
+    method = METHODS.get(str((recipe.get("distill") or {}).get("method")), METHODS["offline"])
+    section, field = method.loss_key.split(".")
     part = recipe.get(section)
-    value = part.get(field, "?") if isinstance(part, dict) else "?"
-    return str(value) if key == "distill.loss" else f"{key}={value}"
+    return method.format_loss(part.get(field, "?") if isinstance(part, dict) else "?")
 
 
 def write_page(run_dir: str | Path) -> Path:

@@ -155,7 +155,8 @@ def train(model: Any, loss_fn: Callable, examples: list[dict], spec: Any, *, run
     metrics_path = run_dir / "metrics.jsonl"
 
     model.train()
-    # One parameter group, or one per learning-rate scale when a part of a Trainable has its own (lr_scale).
+    # One parameter group, or, when a Trainable names parts in lr_scale, one per named part (its own lr and clip)
+    # plus one for the rest.
     groups = model.param_groups() if hasattr(model, "param_groups") else \
         [{"params": [p for p in model.parameters() if p.requires_grad]}]
     params = [p for g in groups for p in g["params"]]

@@ -206,8 +206,11 @@ class Method:
     def loss_name(self, recipe: Any) -> str:
         """The objective this recipe trains with, as `key=value` when it is not distill.loss."""
         section, key = self.loss_key.split(".")
-        value = getattr(getattr(recipe, section), key)
-        return value if self.loss_key == "distill.loss" else f"{self.loss_key}={value}"
+        return self.format_loss(getattr(getattr(recipe, section), key))
+
+    def format_loss(self, value: Any) -> str:
+        """The loss_key's value as the run header, report.md and report.html print it."""
+        return str(value) if self.loss_key == "distill.loss" else f"{self.loss_key}={value}"
 
     @property
     def section_name(self) -> str | None:
